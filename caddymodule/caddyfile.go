@@ -1,0 +1,351 @@
+package caddymodule
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("webhook_relay", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("webhook_relay", httpcaddyfile.Before, "respond")
+}
+
+// stateNames is the adapter's record of relay names, to refuse two
+// relays of the same name in one Caddyfile.
+const stateNames = "webhook_relay.names"
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	var handler Handler
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	name := handler.Name
+	if name == "" {
+		name = relay.DefaultName
+	}
+	names, _ := h.State[stateNames].(map[string]bool)
+	if names == nil {
+		names = map[string]bool{}
+		h.State[stateNames] = names
+	}
+	if names[name] {
+		return nil, h.Errf("two webhook_relay directives are named %q: give each its own name (webhook_relay <name> { ... })", name)
+	}
+	names[name] = true
+	return &handler, nil
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	webhook_relay [<name>] {
+//		source okhi | generic
+//		auth_header <field> <value> [<value>...]
+//		auth off
+//		max_body <size>
+//		max_pending <n>
+//		dedupe off
+//		dedupe {
+//			key <json_path> [<json_path>...]
+//			capacity <n>
+//			ttl <duration>
+//			off
+//		}
+//		storage <dir> | memory
+//		forward <target> <url> {
+//			match <json_path> <value> [<value>...]
+//			header <field> <value>
+//			timeout <duration>
+//			max_attempts <n>
+//			backoff <min> <max>
+//			max_age <duration>
+//			concurrency <n>
+//		}
+//	}
+//
+// auth_header values may be placeholders resolved at start: {env.X},
+// {file./path}. Several values accept any of them (secret rotation).
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	if d.NextArg() {
+		h.Name = d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+	}
+	start := d.Line()
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "source":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if v != string(relay.SourceOkHi) && v != string(relay.SourceGeneric) {
+				return d.Errf("source must be okhi or generic, not %q", v)
+			}
+			h.Source = v
+		case "auth_header":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return d.Errf("auth_header needs a header field and at least one value: auth_header <field> <value> [<value>...]")
+			}
+			if h.Auth == nil {
+				h.Auth = &Auth{}
+			}
+			if h.Auth.Header != "" {
+				return d.Errf("auth_header is set twice; put every accepted value on one line")
+			}
+			h.Auth.Header = args[0]
+			for i, v := range args[1:] {
+				if strings.TrimSpace(v) == "" {
+					return d.Errf("auth_header value %d is empty", i+1)
+				}
+			}
+			h.Auth.Values = args[1:]
+		case "auth":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if v != "off" {
+				return d.Errf("auth takes only 'off' (to set a header, use auth_header <field> <value>)")
+			}
+			if h.Auth == nil {
+				h.Auth = &Auth{}
+			}
+			h.Auth.Off = true
+		case "max_body":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			size, err := humanize.ParseBytes(v)
+			if err != nil || size == 0 {
+				return d.Errf("max_body: bad size %q (e.g. 1MiB, 512KB)", v)
+			}
+			h.MaxBody = int64(size)
+		case "max_pending":
+			n, err := positiveInt(d, "max_pending")
+			if err != nil {
+				return err
+			}
+			h.MaxPending = n
+		case "dedupe":
+			if err := h.unmarshalDedupe(d); err != nil {
+				return err
+			}
+		case "storage":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			h.Storage = v
+		case "forward":
+			t, err := unmarshalTarget(d)
+			if err != nil {
+				return err
+			}
+			for _, o := range h.Targets {
+				if o.Name == t.Name {
+					return d.Errf("two forward blocks are named %q: target names must be unique", t.Name)
+				}
+			}
+			h.Targets = append(h.Targets, t)
+		default:
+			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+	}
+	if h.Auth == nil || (h.Auth.Header == "" && !h.Auth.Off) {
+		return d.SyntaxErr(whereErr(start, "auth_header <field> <value> (or 'auth off' to accept unauthenticated requests)"))
+	}
+	if h.Auth.Off && h.Auth.Header != "" {
+		return d.Errf("auth off and auth_header are both set: keep one")
+	}
+	if len(h.Targets) == 0 {
+		return d.SyntaxErr(whereErr(start, "at least one 'forward <target> <url>' block"))
+	}
+	return nil
+}
+
+func whereErr(line int, want string) string {
+	return "webhook_relay block starting on line " + strconv.Itoa(line) + " to have " + want
+}
+
+func (h *Handler) unmarshalDedupe(d *caddyfile.Dispenser) error {
+	if h.Dedupe == nil {
+		h.Dedupe = &Dedupe{}
+	}
+	if d.NextArg() {
+		if d.Val() != "off" {
+			return d.Errf("dedupe takes 'off' or a block, not %q", d.Val())
+		}
+		h.Dedupe.Off = true
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		return nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "key":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Errf("key needs at least one JSON path")
+			}
+			h.Dedupe.Keys = append(h.Dedupe.Keys, args...)
+		case "capacity":
+			n, err := positiveInt(d, "capacity")
+			if err != nil {
+				return err
+			}
+			h.Dedupe.Capacity = n
+		case "ttl":
+			v, err := duration(d, "ttl")
+			if err != nil {
+				return err
+			}
+			h.Dedupe.TTL = v
+		case "off":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Dedupe.Off = true
+		default:
+			return d.Errf("unrecognized dedupe subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
+	var t Target
+	args := d.RemainingArgs()
+	if len(args) != 2 {
+		return t, d.Errf("forward needs a target name and a URL: forward <target> <url> { ... }")
+	}
+	t.Name, t.URL = args[0], args[1]
+	if err := relay.CheckURL(t.URL); err != nil {
+		return t, d.Errf("forward %s: %v", t.Name, err)
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "match":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return t, d.Errf("match needs a JSON path and at least one value: match <json_path> <value> [<value>...]")
+			}
+			t.Match = append(t.Match, Match{Path: args[0], Values: args[1:]})
+		case "header":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return t, d.Errf("header needs a field and a value: header <field> <value>")
+			}
+			if strings.EqualFold(args[0], "Host") {
+				return t, d.Errf("header Host cannot be set on forwarded requests")
+			}
+			if t.Headers == nil {
+				t.Headers = http.Header{}
+			}
+			t.Headers.Add(args[0], args[1])
+		case "timeout":
+			v, err := duration(d, "timeout")
+			if err != nil {
+				return t, err
+			}
+			t.Timeout = v
+		case "max_attempts":
+			n, err := positiveInt(d, "max_attempts")
+			if err != nil {
+				return t, err
+			}
+			t.MaxAttempts = n
+		case "backoff":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return t, d.Errf("backoff needs a minimum and a maximum: backoff <min> <max>")
+			}
+			lo, err := parseDuration(d, "backoff min", args[0])
+			if err != nil {
+				return t, err
+			}
+			hi, err := parseDuration(d, "backoff max", args[1])
+			if err != nil {
+				return t, err
+			}
+			if hi < lo {
+				return t, d.Errf("backoff max %s is below min %s", args[1], args[0])
+			}
+			t.BackoffMin, t.BackoffMax = lo, hi
+		case "max_age":
+			v, err := duration(d, "max_age")
+			if err != nil {
+				return t, err
+			}
+			t.MaxAge = v
+		case "concurrency":
+			n, err := positiveInt(d, "concurrency")
+			if err != nil {
+				return t, err
+			}
+			t.Concurrency = n
+		default:
+			return t, d.Errf("unrecognized forward subdirective %q", d.Val())
+		}
+	}
+	return t, nil
+}
+
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+func positiveInt(d *caddyfile.Dispenser, what string) (int, error) {
+	v, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, d.Errf("%s must be a positive whole number, not %q", what, v)
+	}
+	return n, nil
+}
+
+func duration(d *caddyfile.Dispenser, what string) (caddy.Duration, error) {
+	v, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	return parseDuration(d, what, v)
+}
+
+func parseDuration(d *caddyfile.Dispenser, what, v string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(v)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("%s: bad duration %q (e.g. 500ms, 10s, 5m, 72h, 3d)", what, v)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// Interface guard.
+var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+var _ = time.Second

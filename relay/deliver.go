@@ -1,0 +1,456 @@
+package relay
+
+import (
+	"bytes"
+	"container/heap"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
+)
+
+// Headers of forwarded requests.
+const (
+	HeaderIdempotencyKey = "Idempotency-Key"
+	HeaderAttempt        = "X-Webhook-Relay-Attempt"
+	HeaderTarget         = "X-Webhook-Relay-Target"
+)
+
+// UserAgent names the relay and its version in forwarded requests.
+var UserAgent = "caddy-webhook-relay/" + Version
+
+// target is one internal endpoint at run time.
+type target struct {
+	name   string
+	cfg    atomic.Pointer[TargetConfig]
+	q      queue
+	counts *counts
+	client *retryablehttp.Client
+	quit   chan struct{} // closed when the target leaves the config
+
+	mu      sync.Mutex
+	running int // workers started; those numbered >= concurrency exit
+
+	delivered, retried, dead prometheus.Counter
+	attemptDur, latency      prometheus.Observer
+}
+
+func (e *Engine) newTarget(tc TargetConfig) *target {
+	t := &target{
+		name:   tc.Name,
+		counts: e.countsOf(tc.Name),
+		quit:   make(chan struct{}),
+	}
+	t.cfg.Store(&tc)
+	t.q.notify = make(chan struct{})
+	relayName := e.cfg.Name
+	t.delivered = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "delivered")
+	t.retried = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "retried")
+	t.dead = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "dead_lettered")
+	t.attemptDur = e.m.AttemptDuration.WithLabelValues(relayName, tc.Name)
+	t.latency = e.m.DeliveryLatency.WithLabelValues(relayName, tc.Name)
+	t.client = newClient(tc.Concurrency)
+	return t
+}
+
+// newClient returns one target's HTTP client: go-retryablehttp making one
+// attempt per call (the schedule between attempts is persisted by the
+// engine), no redirects, no proxy from the environment, no compression
+// (the target gets exactly the contract's headers), its own connections
+// (so that one target's failures close no other target's).
+func newClient(concurrency int) *retryablehttp.Client {
+	tr := &http.Transport{
+		Proxy: nil,
+		DialContext: (&net.Dialer{
+			Timeout:   10 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		MaxIdleConns:          max(concurrency, 2) * 2,
+		MaxIdleConnsPerHost:   max(concurrency, 2) * 2,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		DisableCompression:    true,
+	}
+	return &retryablehttp.Client{
+		HTTPClient: &http.Client{
+			Transport: tr,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		},
+		Logger:       nil,
+		RetryMax:     0,
+		RetryWaitMin: DefaultBackoffMin,
+		RetryWaitMax: DefaultBackoffMax,
+		CheckRetry:   CheckRetry,
+		Backoff:      BackoffFunc,
+		ErrorHandler: retryablehttp.PassthroughErrorHandler,
+	}
+}
+
+// startWorkers brings t's workers up to its concurrency; surplus workers
+// leave after their current attempt.
+func (e *Engine) startWorkers(t *target) {
+	want := t.cfg.Load().Concurrency
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for ; t.running < want; t.running++ {
+		e.wg.Add(1)
+		go e.work(t, t.running)
+	}
+}
+
+// surplus reports whether worker n should leave, and if so counts it out.
+func (t *target) surplus(n int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if n >= t.cfg.Load().Concurrency {
+		t.running--
+		return true
+	}
+	return false
+}
+
+func (e *Engine) work(t *target, n int) {
+	defer e.wg.Done()
+	for {
+		if t.surplus(n) {
+			return
+		}
+		it, ok := t.q.pop(e.ctx, t.quit, e.now)
+		if !ok {
+			select {
+			case <-e.ctx.Done():
+				return
+			case <-t.quit:
+				return
+			default:
+				continue // woken to look at the settings again
+			}
+		}
+		e.attempt(t, it)
+	}
+}
+
+// attempt makes one delivery attempt and settles it in the store.
+func (e *Engine) attempt(t *target, it item) {
+	tc := t.cfg.Load() // this attempt's settings, whatever a reload does meanwhile
+	d := it.delivery(t.name)
+	now := e.now()
+	if now.Sub(d.ReceivedAt) > tc.MaxAge {
+		d.LastError = ReasonMaxAgeExceeded
+		d.LastAttemptAt = now
+		e.settle(t, tc, d, store.Dead)
+		return
+	}
+	ev, err := e.st.Event(d.ID)
+	if errors.Is(err, store.ErrNotFound) {
+		return // deleted meanwhile
+	}
+	if err != nil {
+		if e.ctx.Err() == nil {
+			e.log.Error("reading event for delivery", zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Error(err))
+			d.NextAt = now.Add(tc.BackoffMin)
+			t.q.push(itemOf(d))
+		}
+		return
+	}
+	d.Attempts++
+	if d.FirstAttemptAt.IsZero() {
+		d.FirstAttemptAt = now
+	}
+	d.LastAttemptAt = now
+	start := time.Now()
+	resp, err := e.send(t.client, tc, ev, d.Attempts)
+	t.attemptDur.Observe(time.Since(start).Seconds())
+	if errors.Is(err, errAbandoned) {
+		return // left pending as it was; the next start sends it again
+	}
+	verdict := Classify(resp, err)
+	d.LastStatus, d.LastError = 0, ""
+	if err != nil {
+		d.LastError = err.Error()
+	} else {
+		d.LastStatus = resp.StatusCode
+		if verdict != Done {
+			d.LastError = describe(resp)
+		}
+		drain(resp)
+	}
+	switch {
+	case verdict == Done:
+		e.settle(t, tc, d, store.Delivered)
+	case verdict == Reject:
+		e.settle(t, tc, d, store.Dead)
+	case d.Attempts >= tc.MaxAttempts:
+		d.LastError = fmt.Sprintf("max attempts (%d) reached: %s", tc.MaxAttempts, d.LastError)
+		e.settle(t, tc, d, store.Dead)
+	default:
+		next := e.now().Add(Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax}.Delay(d.Attempts, resp))
+		if next.Sub(d.ReceivedAt) > tc.MaxAge {
+			d.LastError = fmt.Sprintf("%s: %s", ReasonMaxAgeExceeded, d.LastError)
+			e.settle(t, tc, d, store.Dead)
+			return
+		}
+		d.NextAt = next
+		e.settle(t, tc, d, store.Retry)
+	}
+}
+
+func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.Outcome) {
+	ch, err := e.st.Settle(d, o)
+	if err != nil {
+		// The store is closing or failing: the delivery stays pending as
+		// last stored, and goes out again after a restart.
+		if e.ctx.Err() == nil {
+			e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
+				zap.String("target", t.name), zap.Error(err))
+		}
+		return
+	}
+	t.counts.pending.Add(int64(ch.Pending))
+	t.counts.dead.Add(int64(ch.Dead))
+	e.pendingEvents.Add(int64(ch.PendingEvents))
+	switch o {
+	case store.Delivered:
+		t.delivered.Inc()
+		t.latency.Observe(e.now().Sub(d.ReceivedAt).Seconds())
+		if ce := e.log.Check(zapcore.DebugLevel, "delivered"); ce != nil {
+			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts))
+		}
+	case store.Retry:
+		t.retried.Inc()
+		t.q.push(itemOf(d))
+		if ce := e.log.Check(zapcore.DebugLevel, "delivery failed, will retry"); ce != nil {
+			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts),
+				zap.Time("next_attempt", d.NextAt), zap.String("error", d.LastError))
+		}
+	case store.Dead:
+		t.dead.Inc()
+		e.log.Warn("delivery dead-lettered",
+			zap.String("event_id", d.ID.String()), zap.String("target", t.name),
+			zap.Int("attempt", d.Attempts), zap.Int("max_attempts", tc.MaxAttempts),
+			zap.Int("last_status", d.LastStatus), zap.String("error", d.LastError))
+	}
+}
+
+// send makes one HTTP attempt with exactly the contract's headers.
+func (e *Engine) send(client *retryablehttp.Client, tc *TargetConfig, ev *store.Event, attempt int) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(e.ctx, tc.Timeout)
+	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, tc.URL, ev.Body)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	h := make(http.Header, 6+len(tc.Headers))
+	for k, v := range tc.Headers {
+		h[k] = v
+	}
+	if ev.ContentType != "" {
+		h.Set("Content-Type", ev.ContentType)
+	}
+	if h.Get("User-Agent") == "" {
+		h.Set("User-Agent", UserAgent)
+	}
+	h.Set(HeaderIdempotencyKey, ev.ID.String())
+	h.Set(HeaderAttempt, strconv.Itoa(attempt))
+	h.Set(HeaderTarget, tc.Name)
+	req.Header = h
+	resp, err := client.Do(req)
+	if err != nil {
+		cancel()
+		if e.ctx.Err() != nil {
+			return nil, errAbandoned
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("timeout after %s", tc.Timeout)
+		}
+		return nil, err
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// describe says what a failed response was, with the start of its body.
+func describe(resp *http.Response) string {
+	var buf [256]byte
+	n, _ := io.ReadFull(resp.Body, buf[:])
+	msg := bytes.TrimSpace(buf[:n])
+	if len(msg) == 0 {
+		return resp.Status
+	}
+	return resp.Status + ": " + string(msg)
+}
+
+// drain reads what is left of a response (up to a bound) so that its
+// connection can be reused, then closes it.
+func drain(resp *http.Response) {
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+}
+
+// item is a pending delivery in a target's queue: small, since a restart
+// may load a million of them.
+type item struct {
+	due      int64 // unix ns
+	recv     int64
+	first    int64
+	attempts int32
+	id       store.ID
+}
+
+func itemOf(d *store.Delivery) item {
+	it := item{recv: d.ReceivedAt.UnixNano(), attempts: int32(d.Attempts), id: d.ID}
+	if !d.NextAt.IsZero() {
+		it.due = d.NextAt.UnixNano()
+	}
+	if !d.FirstAttemptAt.IsZero() {
+		it.first = d.FirstAttemptAt.UnixNano()
+	}
+	return it
+}
+
+func (it item) delivery(target string) *store.Delivery {
+	d := &store.Delivery{
+		ID: it.id, Target: target, ReceivedAt: time.Unix(0, it.recv),
+		Attempts: int(it.attempts),
+	}
+	if it.first != 0 {
+		d.FirstAttemptAt = time.Unix(0, it.first)
+	}
+	return d
+}
+
+// queue holds a target's pending deliveries ordered by due time.
+type queue struct {
+	mu     sync.Mutex
+	h      itemHeap
+	notify chan struct{} // closed and replaced whenever workers should look again
+}
+
+type itemHeap []item
+
+func (h itemHeap) Len() int           { return len(h) }
+func (h itemHeap) Less(i, j int) bool { return h[i].due < h[j].due }
+func (h itemHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *itemHeap) Push(x any)        { *h = append(*h, x.(item)) }
+func (h *itemHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return it
+}
+
+// add appends without ordering; init orders. For bulk loading.
+func (q *queue) add(it item) { q.h = append(q.h, it) }
+
+func (q *queue) init() {
+	q.mu.Lock()
+	heap.Init(&q.h)
+	q.mu.Unlock()
+}
+
+func (q *queue) push(it item) {
+	q.mu.Lock()
+	heap.Push(&q.h, it)
+	ch := q.notify
+	q.notify = make(chan struct{})
+	q.mu.Unlock()
+	close(ch)
+}
+
+func (q *queue) wake() {
+	q.mu.Lock()
+	ch := q.notify
+	q.notify = make(chan struct{})
+	q.mu.Unlock()
+	close(ch)
+}
+
+func (q *queue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.h)
+}
+
+// pop waits for the earliest item to fall due and takes it. It returns
+// false when ctx is done, quit is closed, or the queue was woken (to make
+// the caller look at its settings again before it waits on).
+func (q *queue) pop(ctx context.Context, quit <-chan struct{}, now func() time.Time) (item, bool) {
+	for {
+		q.mu.Lock()
+		wait := time.Duration(-1)
+		if len(q.h) > 0 {
+			n := now().UnixNano()
+			if q.h[0].due <= n {
+				it := heap.Pop(&q.h).(item)
+				var ch chan struct{}
+				if len(q.h) > 0 && q.h[0].due <= n {
+					// More are due: let another idle worker look.
+					ch = q.notify
+					q.notify = make(chan struct{})
+				}
+				q.mu.Unlock()
+				if ch != nil {
+					close(ch)
+				}
+				return it, true
+			}
+			wait = time.Duration(q.h[0].due - n)
+		}
+		ch := q.notify
+		q.mu.Unlock()
+		var timer *time.Timer
+		var fire <-chan time.Time
+		if wait >= 0 {
+			timer = time.NewTimer(wait)
+			fire = timer.C
+		}
+		woken := false
+		select {
+		case <-ch:
+			woken = true
+		case <-fire:
+		case <-ctx.Done():
+		case <-quit:
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		select {
+		case <-ctx.Done():
+			return item{}, false
+		case <-quit:
+			return item{}, false
+		default:
+		}
+		if woken {
+			return item{}, false
+		}
+	}
+}

@@ -1,0 +1,578 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
+)
+
+// Version is sent in the User-Agent of forwarded requests.
+const Version = "0.1.0"
+
+// Options are an engine's collaborators.
+type Options struct {
+	// OpenStore opens the store; Open calls it once.
+	OpenStore func() (store.Store, error)
+	// Logger; nil logs nothing.
+	Logger *zap.Logger
+	// Metrics; nil makes private ones (for tests and embedding).
+	Metrics *Metrics
+	// Now is the clock; nil is time.Now.
+	Now func() time.Time
+}
+
+type engineState uint8
+
+const (
+	stateNew engineState = iota
+	stateOpen
+	stateClosed
+)
+
+// Engine receives, stores and delivers the events of one relay.
+type Engine struct {
+	opts Options
+	now  func() time.Time
+	log  *zap.Logger
+	m    *Metrics
+
+	// mu orders config changes against Receive: Receive holds it shared
+	// from reading the config until its deliveries are queued.
+	mu      sync.RWMutex
+	cfg     *Config
+	state   engineState
+	st      store.Store
+	targets map[string]*target
+	counts  map[string]*counts // every target with state, removed ones too
+	dd      *dedupe
+	ctrs    *engineCounters
+
+	pendingEvents atomic.Int64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// counts are a target's gauges.
+type counts struct {
+	pending, dead atomic.Int64
+}
+
+// engineCounters are the metric children of one relay name, resolved once.
+type engineCounters struct {
+	name      string
+	received  map[string]prometheus.Counter
+	ack       prometheus.Observer
+	evictions prometheus.Counter
+}
+
+// New checks cfg and returns an engine that does nothing until Open.
+func New(cfg Config, opts Options) (*Engine, error) {
+	c, err := cfg.WithDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if opts.OpenStore == nil {
+		return nil, errors.New("relay: no store")
+	}
+	e := &Engine{
+		opts:    opts,
+		now:     opts.Now,
+		log:     opts.Logger,
+		m:       opts.Metrics,
+		cfg:     &c,
+		targets: map[string]*target{},
+		counts:  map[string]*counts{},
+	}
+	if e.now == nil {
+		e.now = time.Now
+	}
+	if e.log == nil {
+		e.log = zap.NewNop()
+	}
+	if e.m == nil {
+		e.m = NewMetrics()
+	}
+	e.ctrs = e.newCounters(c.Name)
+	e.dd = newDedupe(c.Dedupe.Capacity, func() { e.ctrs.evictions.Inc() })
+	return e, nil
+}
+
+func (e *Engine) newCounters(name string) *engineCounters {
+	ec := &engineCounters{
+		name:      name,
+		received:  map[string]prometheus.Counter{},
+		ack:       e.m.AckDuration.WithLabelValues(name),
+		evictions: e.m.DedupeEvictions.WithLabelValues(name),
+	}
+	for _, r := range []string{ResultAccepted, ResultDuplicate, ResultUnauthorized, ResultInvalid, ResultTooLarge, ResultUnavailable} {
+		ec.received[r] = e.m.Received.WithLabelValues(name, r)
+	}
+	return ec
+}
+
+// Name returns the relay's name.
+func (e *Engine) Name() string {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.cfg.Name
+}
+
+// Config returns the settings in force.
+func (e *Engine) Config() Config {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return *e.cfg
+}
+
+// Open opens the store, queues every pending delivery and starts the
+// workers. Deliveries pending at a target the config no longer has become
+// dead letters. Calling Open on an open engine does nothing.
+func (e *Engine) Open() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	switch e.state {
+	case stateOpen:
+		return nil
+	case stateClosed:
+		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, store.ErrClosed)
+	}
+	st, err := e.opts.OpenStore()
+	if err != nil {
+		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
+	}
+	now := e.now()
+	stats, err := st.Stats(now)
+	if err != nil {
+		st.Close()
+		return fmt.Errorf("reading store of relay %s: %w", e.cfg.Name, err)
+	}
+	configured := map[string]bool{}
+	for _, t := range e.cfg.Targets {
+		configured[t.Name] = true
+	}
+	for name, n := range stats.Pending {
+		if configured[name] {
+			continue
+		}
+		if _, _, err := st.KillTarget(name, ReasonTargetRemoved, now); err != nil {
+			st.Close()
+			return fmt.Errorf("dead-lettering deliveries of removed target %s: %w", name, err)
+		}
+		e.log.Warn("target removed from config: its pending deliveries are now dead letters",
+			zap.String("target", name), zap.Int("count", n))
+	}
+	if len(stats.Pending) > 0 {
+		if stats, err = st.Stats(now); err != nil {
+			st.Close()
+			return fmt.Errorf("reading store of relay %s: %w", e.cfg.Name, err)
+		}
+	}
+	e.st = st
+	e.pendingEvents.Store(int64(stats.PendingEvents))
+	for name, n := range stats.Dead {
+		e.countsOf(name).dead.Store(int64(n))
+	}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	for i := range e.cfg.Targets {
+		tc := e.cfg.Targets[i]
+		e.targets[tc.Name] = e.newTarget(tc)
+	}
+	err = st.Pending(func(d *store.Delivery) error {
+		t := e.targets[d.Target]
+		if t == nil {
+			return nil
+		}
+		t.q.add(itemOf(d))
+		t.counts.pending.Add(1)
+		return nil
+	})
+	if err != nil {
+		e.cancel()
+		st.Close()
+		return fmt.Errorf("loading pending deliveries of relay %s: %w", e.cfg.Name, err)
+	}
+	for _, t := range e.targets {
+		t.q.init()
+		e.startWorkers(t)
+	}
+	e.wg.Add(1)
+	go e.janitor()
+	e.state = stateOpen
+	e.m.add(e)
+	e.log.Info("relay open",
+		zap.String("relay", e.cfg.Name),
+		zap.Int("pending_events", stats.PendingEvents),
+		zap.Int("dedupe_keys", stats.Keys))
+	return nil
+}
+
+func (e *Engine) countsOf(name string) *counts {
+	c := e.counts[name]
+	if c == nil {
+		c = &counts{}
+		e.counts[name] = c
+	}
+	return c
+}
+
+// Close stops the workers (an attempt under way is abandoned and stays
+// pending), then closes the store. Calling it again does nothing.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	if e.state != stateOpen {
+		e.state = stateClosed
+		e.mu.Unlock()
+		return nil
+	}
+	e.state = stateClosed
+	e.cancel()
+	targets := e.targets
+	e.mu.Unlock()
+	e.wg.Wait()
+	for _, t := range targets {
+		t.client.HTTPClient.CloseIdleConnections()
+	}
+	e.m.remove(e)
+	err := e.st.Close()
+	e.log.Info("relay closed", zap.String("relay", e.Name()))
+	return err
+}
+
+// Update applies new settings to the live engine: dedupe capacity,
+// limits, and targets (added ones start, changed ones take their new
+// settings from their next attempt on, removed ones stop and what they
+// still owed becomes dead letters).
+func (e *Engine) Update(cfg Config) error {
+	c, err := cfg.WithDefaults()
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	old := e.cfg
+	e.cfg = &c
+	if c.Name != e.ctrs.name {
+		e.ctrs = e.newCounters(c.Name)
+	}
+	e.dd.resize(c.Dedupe.Capacity, e.now())
+	if e.state != stateOpen {
+		return nil
+	}
+	keep := map[string]bool{}
+	for i := range c.Targets {
+		tc := c.Targets[i]
+		keep[tc.Name] = true
+		if t := e.targets[tc.Name]; t != nil {
+			t.cfg.Store(&tc)
+			e.startWorkers(t)
+			t.q.wake()
+			continue
+		}
+		t := e.newTarget(tc)
+		t.q.init()
+		e.targets[tc.Name] = t
+		e.startWorkers(t)
+	}
+	for _, tc := range old.Targets {
+		if keep[tc.Name] {
+			continue
+		}
+		t := e.targets[tc.Name]
+		delete(e.targets, tc.Name)
+		if t == nil {
+			continue
+		}
+		close(t.quit)
+		moved, settled, err := e.st.KillTarget(tc.Name, ReasonTargetRemoved, e.now())
+		if err != nil {
+			e.log.Error("dead-lettering deliveries of removed target", zap.String("target", tc.Name), zap.Error(err))
+			continue
+		}
+		t.counts.pending.Add(-int64(moved))
+		t.counts.dead.Add(int64(moved))
+		e.pendingEvents.Add(-int64(settled))
+		if moved > 0 {
+			e.log.Warn("target removed from config: its pending deliveries are now dead letters",
+				zap.String("target", tc.Name), zap.Int("count", moved))
+		}
+	}
+	return nil
+}
+
+// Result is the answer to one received event.
+type Result struct {
+	EventID   store.ID
+	Duplicate bool
+}
+
+// Receive dedupes and durably stores one event; when it returns without
+// error the event may be acked. Errors are ErrUnavailable or ErrFull
+// (answer 503: the sender keeps the event and retries).
+func (e *Engine) Receive(body []byte, contentType string) (Result, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.state != stateOpen {
+		return Result{}, ErrUnavailable
+	}
+	cfg := e.cfg
+	now := e.now()
+	id := cfg.EventID(body)
+	res := Result{EventID: id}
+	dedupe := !cfg.Dedupe.Off
+	if dedupe && e.dd.seen(id, now) {
+		res.Duplicate = true
+		return res, nil
+	}
+	var targets []*target
+	for i := range cfg.Targets {
+		if cfg.Targets[i].Matches(body) {
+			targets = append(targets, e.targets[cfg.Targets[i].Name])
+		}
+	}
+	if len(targets) > 0 {
+		if e.pendingEvents.Add(1) > int64(cfg.MaxPending) {
+			e.pendingEvents.Add(-1)
+			if dedupe {
+				if seen, err := e.st.Seen(id, now); err == nil && seen {
+					res.Duplicate = true
+					return res, nil
+				}
+			}
+			return res, ErrFull
+		}
+	}
+	var expiry time.Time
+	if dedupe {
+		expiry = now.Add(cfg.Dedupe.TTL)
+	}
+	names := make([]string, len(targets))
+	for i, t := range targets {
+		names[i] = t.name
+	}
+	dup, err := e.st.Accept(&store.Event{ID: id, ReceivedAt: now, ContentType: contentType, Body: body}, names, expiry, now)
+	if err != nil || dup {
+		if len(targets) > 0 {
+			e.pendingEvents.Add(-1)
+		}
+	}
+	if err != nil {
+		return res, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if dedupe {
+		// Only now that it is stored does the key count as seen.
+		e.dd.add(id, expiry, now)
+	}
+	if dup {
+		res.Duplicate = true
+		return res, nil
+	}
+	for _, t := range targets {
+		t.counts.pending.Add(1)
+		t.q.push(item{due: now.UnixNano(), recv: now.UnixNano(), id: id})
+	}
+	return res, nil
+}
+
+// Observe counts one answered request: its result label and, for answers
+// to the sender's event, the time from the request's start to the ack.
+func (e *Engine) Observe(result string, d time.Duration) {
+	e.mu.RLock()
+	c := e.ctrs
+	e.mu.RUnlock()
+	if r := c.received[result]; r != nil {
+		r.Inc()
+	}
+	c.ack.Observe(d.Seconds())
+}
+
+// RetryAfter is what a 503 should tell the sender.
+func (e *Engine) RetryAfter() time.Duration {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.cfg.RetryAfter
+}
+
+// TargetStats are one target's counts.
+type TargetStats struct {
+	Name        string `json:"name"`
+	Configured  bool   `json:"configured"`
+	Pending     int64  `json:"pending"`
+	DeadLetters int64  `json:"dead_letters"`
+}
+
+// Stats returns the counts of every target with state, sorted by name.
+func (e *Engine) Stats() []TargetStats {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	out := make([]TargetStats, 0, len(e.counts))
+	for name, c := range e.counts {
+		_, ok := e.targets[name]
+		if !ok && c.pending.Load() == 0 && c.dead.Load() == 0 {
+			continue
+		}
+		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load()})
+	}
+	for _, t := range e.cfg.Targets {
+		if _, ok := e.counts[t.Name]; !ok {
+			out = append(out, TargetStats{Name: t.Name, Configured: true})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// IsOpen reports whether the engine is open (and not yet closed).
+func (e *Engine) IsOpen() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.state == stateOpen
+}
+
+// IsNew reports whether the engine was never opened.
+func (e *Engine) IsNew() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.state == stateNew
+}
+
+// PendingEvents returns how many events are still owed to a target.
+func (e *Engine) PendingEvents() int64 { return e.pendingEvents.Load() }
+
+func (e *Engine) openStore() (store.Store, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.state != stateOpen {
+		return nil, ErrUnavailable
+	}
+	return e.st, nil
+}
+
+// DeadLetters lists dead letters (see store.Store.DeadLetters).
+func (e *Engine) DeadLetters(target, cursor string, limit int) ([]store.DeadLetter, string, error) {
+	st, err := e.openStore()
+	if err != nil {
+		return nil, "", err
+	}
+	return st.DeadLetters(target, cursor, limit)
+}
+
+// Replay moves dead letters back to pending with a fresh attempt budget,
+// for targets the config still has, and returns how many moved.
+func (e *Engine) Replay(ids []store.ID, target string) (int, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.state != stateOpen {
+		return 0, ErrUnavailable
+	}
+	keep := func(t string) bool { return e.targets[t] != nil }
+	moved, revived, err := e.st.Replay(ids, target, keep, e.now())
+	if err != nil {
+		return 0, err
+	}
+	e.pendingEvents.Add(int64(revived))
+	for _, d := range moved {
+		t := e.targets[d.Target]
+		t.counts.dead.Add(-1)
+		t.counts.pending.Add(1)
+		t.q.push(itemOf(&d))
+	}
+	return len(moved), nil
+}
+
+// DeleteDead deletes the dead letters of one event, at one target or all
+// (target ""), and returns how many it deleted.
+func (e *Engine) DeleteDead(id store.ID, target string) (int, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.state != stateOpen {
+		return 0, ErrUnavailable
+	}
+	n, err := e.st.DeleteDead(id, target)
+	if err != nil {
+		return 0, err
+	}
+	total := 0
+	for t, k := range n {
+		if c := e.counts[t]; c != nil {
+			c.dead.Add(-int64(k))
+		}
+		total += k
+	}
+	return total, nil
+}
+
+// janitor forgets expired dedupe keys.
+func (e *Engine) janitor() {
+	defer e.wg.Done()
+	every := time.Minute
+	if ttl := e.Config().Dedupe.TTL / 10; ttl < every {
+		every = max(ttl, time.Second)
+	}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-e.ctx.Done():
+			return
+		case <-tick.C:
+			n, err := e.st.ExpireKeys(e.now())
+			if err != nil && !errors.Is(err, store.ErrClosed) {
+				e.log.Error("expiring dedupe keys", zap.Error(err))
+			} else if n > 0 {
+				e.log.Debug("expired dedupe keys", zap.Int("count", n))
+			}
+		}
+	}
+}
+
+// ExpireKeys forgets expired dedupe keys now (the janitor does it
+// periodically) and returns how many.
+func (e *Engine) ExpireKeys() (int, error) {
+	st, err := e.openStore()
+	if err != nil {
+		return 0, err
+	}
+	return st.ExpireKeys(e.now())
+}
+
+// collect sends the engine's gauges.
+func (e *Engine) collect(ch chan<- prometheus.Metric) {
+	e.mu.RLock()
+	name := e.cfg.Name
+	st := e.st
+	open := e.state == stateOpen
+	type tc struct {
+		name string
+		c    *counts
+	}
+	var all []tc
+	for n, c := range e.counts {
+		all = append(all, tc{n, c})
+	}
+	e.mu.RUnlock()
+	if !open {
+		return
+	}
+	now := e.now()
+	ch <- prometheus.MustNewConstMetric(descDedupe, prometheus.GaugeValue, float64(e.dd.len()), name)
+	for _, t := range all {
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(t.c.pending.Load()), name, t.name)
+		ch <- prometheus.MustNewConstMetric(descDead, prometheus.GaugeValue, float64(t.c.dead.Load()), name, t.name)
+		age := 0.0
+		if at, ok, err := st.OldestPending(t.name); err == nil && ok {
+			age = max(now.Sub(at).Seconds(), 0)
+		}
+		ch <- prometheus.MustNewConstMetric(descOldest, prometheus.GaugeValue, age, name, t.name)
+	}
+}

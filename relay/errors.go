@@ -1,0 +1,13 @@
+package relay
+
+import "errors"
+
+// Sentinel errors of Engine.Receive.
+var (
+	// ErrUnavailable: the store cannot take the event (closed, failing).
+	ErrUnavailable = errors.New("relay unavailable")
+	// ErrFull: max_pending events are already owed to targets.
+	ErrFull = errors.New("relay full: max_pending reached")
+)
+
+func errorsAs(err error, target any) bool { return errors.As(err, target) }

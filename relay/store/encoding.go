@@ -1,0 +1,160 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"time"
+)
+
+// Records are fixed-layout big-endian binary, shared by both stores' keys
+// and by the bbolt values: they are on the hot path and in every page.
+
+var errCorrupt = errors.New("corrupt record")
+
+// refLen is the length of a per-target key: the receipt time (so that keys
+// sort oldest first) followed by the event id.
+const refLen = 8 + len(ID{})
+
+func makeRef(receivedAt time.Time, id ID) []byte {
+	k := make([]byte, refLen)
+	binary.BigEndian.PutUint64(k, uint64(receivedAt.UnixNano()))
+	copy(k[8:], id[:])
+	return k
+}
+
+func parseRef(k []byte) (time.Time, ID, error) {
+	var id ID
+	if len(k) != refLen {
+		return time.Time{}, id, errCorrupt
+	}
+	copy(id[:], k[8:])
+	return time.Unix(0, int64(binary.BigEndian.Uint64(k))), id, nil
+}
+
+// meta is what an event knows of its deliveries.
+type meta struct {
+	receivedAt time.Time
+	owed       uint32 // pending deliveries
+	dead       uint32 // dead letters
+}
+
+const metaLen = 16
+
+func (m meta) encode() []byte {
+	b := make([]byte, metaLen)
+	binary.BigEndian.PutUint64(b, uint64(m.receivedAt.UnixNano()))
+	binary.BigEndian.PutUint32(b[8:], m.owed)
+	binary.BigEndian.PutUint32(b[12:], m.dead)
+	return b
+}
+
+func decodeMeta(b []byte) (meta, error) {
+	if len(b) != metaLen {
+		return meta{}, errCorrupt
+	}
+	return meta{
+		receivedAt: time.Unix(0, int64(binary.BigEndian.Uint64(b))),
+		owed:       binary.BigEndian.Uint32(b[8:]),
+		dead:       binary.BigEndian.Uint32(b[12:]),
+	}, nil
+}
+
+// encodeBody stores the content type before the body bytes.
+func encodeBody(ev *Event) []byte {
+	b := make([]byte, 2+len(ev.ContentType)+len(ev.Body))
+	binary.BigEndian.PutUint16(b, uint16(len(ev.ContentType)))
+	n := copy(b[2:], ev.ContentType)
+	copy(b[2+n:], ev.Body)
+	return b
+}
+
+func decodeBody(b []byte) (ctype string, body []byte, err error) {
+	if len(b) < 2 {
+		return "", nil, errCorrupt
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+n {
+		return "", nil, errCorrupt
+	}
+	body = make([]byte, len(b)-2-n)
+	copy(body, b[2+n:])
+	return string(b[2 : 2+n]), body, nil
+}
+
+func unixNano(t time.Time) uint64 {
+	if t.IsZero() {
+		return 0
+	}
+	return uint64(t.UnixNano())
+}
+
+func fromUnixNano(n uint64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, int64(n))
+}
+
+// encodeDelivery stores the per-target state; id, target and receipt time
+// live in the key and bucket name.
+func encodeDelivery(d *Delivery) []byte {
+	e := d.LastError
+	if len(e) > 1024 {
+		e = e[:1024]
+	}
+	b := make([]byte, 4+8+8+8+2+2+len(e))
+	binary.BigEndian.PutUint32(b, uint32(d.Attempts))
+	binary.BigEndian.PutUint64(b[4:], unixNano(d.NextAt))
+	binary.BigEndian.PutUint64(b[12:], unixNano(d.FirstAttemptAt))
+	binary.BigEndian.PutUint64(b[20:], unixNano(d.LastAttemptAt))
+	binary.BigEndian.PutUint16(b[28:], uint16(d.LastStatus))
+	binary.BigEndian.PutUint16(b[30:], uint16(len(e)))
+	copy(b[32:], e)
+	return b
+}
+
+func decodeDelivery(target string, k, v []byte) (*Delivery, error) {
+	at, id, err := parseRef(k)
+	if err != nil {
+		return nil, err
+	}
+	if len(v) < 32 {
+		return nil, errCorrupt
+	}
+	n := int(binary.BigEndian.Uint16(v[30:]))
+	if len(v) < 32+n {
+		return nil, errCorrupt
+	}
+	return &Delivery{
+		ID:             id,
+		Target:         target,
+		ReceivedAt:     at,
+		Attempts:       int(binary.BigEndian.Uint32(v)),
+		NextAt:         fromUnixNano(binary.BigEndian.Uint64(v[4:])),
+		FirstAttemptAt: fromUnixNano(binary.BigEndian.Uint64(v[12:])),
+		LastAttemptAt:  fromUnixNano(binary.BigEndian.Uint64(v[20:])),
+		LastStatus:     int(binary.BigEndian.Uint16(v[28:])),
+		LastError:      string(v[32 : 32+n]),
+	}, nil
+}
+
+// cursor encoding for DeadLetters: target, NUL, ref.
+func encodeCursor(target string, ref []byte) string {
+	return hexEncode(append(append([]byte(target), 0), ref...))
+}
+
+func decodeCursor(c string) (target string, ref []byte, err error) {
+	b, err := hexDecode(c)
+	if err != nil {
+		return "", nil, errors.New("invalid cursor")
+	}
+	for i, x := range b {
+		if x == 0 {
+			if len(b)-i-1 != refLen {
+				return "", nil, errors.New("invalid cursor")
+			}
+			return string(b[:i]), b[i+1:], nil
+		}
+	}
+	return "", nil, errors.New("invalid cursor")
+}
