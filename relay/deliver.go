@@ -42,7 +42,7 @@ type target struct {
 	quit   chan struct{} // closed when the target leaves the config
 
 	mu      sync.Mutex
-	running int // workers started; those numbered >= concurrency exit
+	running int // workers alive; while above concurrency, the next to look leaves
 
 	delivered, retried, dead prometheus.Counter
 	attemptDur, latency      prometheus.Observer
@@ -110,25 +110,29 @@ func (e *Engine) startWorkers(t *target) {
 	defer t.mu.Unlock()
 	for ; t.running < want; t.running++ {
 		e.wg.Add(1)
-		go e.work(t, t.running)
+		go e.work(t)
 	}
 }
 
-// surplus reports whether worker n should leave, and if so counts it out.
-func (t *target) surplus(n int) bool {
+// surplus reports whether the calling worker should leave, and if so
+// counts it out. Any worker may be the one: numbering them instead lets a
+// busy high-numbered worker outlive a lowering of the concurrency, and the
+// next raise would start a second worker under its number, leaving the
+// target short of workers after the following lowering.
+func (t *target) surplus() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if n >= t.cfg.Load().Concurrency {
+	if t.running > t.cfg.Load().Concurrency {
 		t.running--
 		return true
 	}
 	return false
 }
 
-func (e *Engine) work(t *target, n int) {
+func (e *Engine) work(t *target) {
 	defer e.wg.Done()
 	for {
-		if t.surplus(n) {
+		if t.surplus() {
 			return
 		}
 		it, ok := t.q.pop(e.ctx, t.quit, e.now)
@@ -200,7 +204,7 @@ func (e *Engine) attempt(t *target, it item) {
 		d.LastError = fmt.Sprintf("max attempts (%d) reached: %s", tc.MaxAttempts, d.LastError)
 		e.settle(t, tc, d, store.Dead)
 	default:
-		next := e.now().Add(Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax}.Delay(d.Attempts, resp))
+		next := e.now().Add(Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(d.Attempts, resp))
 		if next.Sub(d.ReceivedAt) > tc.MaxAge {
 			d.LastError = fmt.Sprintf("%s: %s", ReasonMaxAgeExceeded, d.LastError)
 			e.settle(t, tc, d, store.Dead)
@@ -272,6 +276,11 @@ func (e *Engine) send(client *retryablehttp.Client, tc *TargetConfig, ev *store.
 	req.Header = h
 	resp, err := client.Do(req)
 	if err != nil {
+		if resp != nil {
+			// CheckRetry reports a done context together with a response
+			// that arrived meanwhile: close it, or its connection leaks.
+			drain(resp)
+		}
 		cancel()
 		if e.ctx.Err() != nil {
 			return nil, errAbandoned
@@ -390,12 +399,6 @@ func (q *queue) wake() {
 	q.notify = make(chan struct{})
 	q.mu.Unlock()
 	close(ch)
-}
-
-func (q *queue) len() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.h)
 }
 
 // pop waits for the earliest item to fall due and takes it. It returns

@@ -294,6 +294,8 @@ func (e *Engine) Update(cfg Config) error {
 			continue
 		}
 		close(t.quit)
+		// Close skips removed targets: free their idle connections now.
+		t.client.HTTPClient.CloseIdleConnections()
 		moved, settled, err := e.st.KillTarget(tc.Name, ReasonTargetRemoved, e.now())
 		if err != nil {
 			e.log.Error("dead-lettering deliveries of removed target", zap.String("target", tc.Name), zap.Error(err))

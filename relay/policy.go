@@ -58,6 +58,9 @@ type Backoff struct {
 	Min, Max time.Duration
 	// Rand returns a float in [0,1); nil means math/rand/v2.
 	Rand func() float64
+	// Now is the clock an HTTP-date Retry-After is read against; nil
+	// means time.Now.
+	Now func() time.Time
 }
 
 // Delay returns how long to wait after the attempt-th failed attempt
@@ -81,7 +84,11 @@ func (b Backoff) Delay(attempt int, resp *http.Response) time.Duration {
 	if d > b.Max {
 		d = b.Max
 	}
-	if ra, ok := RetryAfter(resp, time.Now()); ok && ra > d {
+	now := time.Now
+	if b.Now != nil {
+		now = b.Now
+	}
+	if ra, ok := RetryAfter(resp, now()); ok && ra > d {
 		d = min(ra, b.Max)
 	}
 	return d
