@@ -20,39 +20,68 @@ func init() {
 // it, beside a running Caddy that holds the store files: opening them in
 // Provision would fail (or worse) there.
 type App struct {
-	names   map[string]string // relay name -> store key
-	stores  map[string]string // store key -> relay name
-	engines []*relay.Engine
+	relays  map[string]appRelay // relay name -> its definition
+	stores  map[string]string   // store key -> relay name
+	engines []appEngine
+}
+
+// appRelay is what a config says of one relay name.
+type appRelay struct {
+	key string // the store's pool key
+	def string // the handler's JSON config
+}
+
+// appEngine is an engine of the config and the settings the config gives it.
+type appEngine struct {
+	engine *relay.Engine
+	cfg    relay.Config
 }
 
 // CaddyModule returns the Caddy module information.
 func (App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  appID,
-		New: func() caddy.Module { return &App{names: map[string]string{}, stores: map[string]string{}} },
+		New: func() caddy.Module { return &App{relays: map[string]appRelay{}, stores: map[string]string{}} },
 	}
 }
 
-func (a *App) register(name, key string) error {
-	if _, dup := a.names[name]; dup {
+// register records a relay of the config. Handlers with the same name
+// are an error, unless they are copies of one definition (the HTTP app
+// copies a site's routes into each server the site listens on).
+func (a *App) register(name, key, def string) error {
+	if r, dup := a.relays[name]; dup {
+		if r.key == key && r.def == def {
+			return nil
+		}
 		return fmt.Errorf("two webhook relays are named %q: give each its own name", name)
 	}
 	if other, dup := a.stores[key]; dup {
 		return fmt.Errorf("webhook relays %q and %q use the same storage: give each its own", other, name)
 	}
-	a.names[name] = key
+	a.relays[name] = appRelay{key: key, def: def}
 	a.stores[key] = name
 	return nil
 }
 
-func (a *App) add(e *relay.Engine) { a.engines = append(a.engines, e) }
+func (a *App) add(e *relay.Engine, cfg relay.Config) {
+	for _, ae := range a.engines {
+		if ae.engine == e {
+			return // a copy of a relay already added
+		}
+	}
+	a.engines = append(a.engines, appEngine{engine: e, cfg: cfg})
+}
 
-// Start opens every engine of the config (those already open from the
-// previous config stay as they are), so that pending deliveries resume at
-// once after a restart, before any request arrives.
+// Start applies the config's settings to its engines (those still open
+// from the previous config take them live) and opens the engines not yet
+// open, so that pending deliveries resume at once after a restart, before
+// any request arrives.
 func (a *App) Start() error {
-	for _, e := range a.engines {
-		if err := e.Open(); err != nil {
+	for _, ae := range a.engines {
+		if err := ae.engine.Update(ae.cfg); err != nil {
+			return fmt.Errorf("relay %s: %w", ae.cfg.Name, err)
+		}
+		if err := ae.engine.Open(); err != nil {
 			return err
 		}
 	}

@@ -1,10 +1,10 @@
 package caddymodule
 
 import (
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/dustin/go-humanize"
 
@@ -26,6 +26,10 @@ func init() {
 const stateNames = "webhook_relay.names"
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	// Errors about the directive as a whole name its first line.
+	h.Next()
+	file, line := h.File(), h.Line()
+	h.Reset()
 	var handler Handler
 	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
 		return nil, err
@@ -40,7 +44,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 		h.State[stateNames] = names
 	}
 	if names[name] {
-		return nil, h.Errf("two webhook_relay directives are named %q: give each its own name (webhook_relay <name> { ... })", name)
+		return nil, fmt.Errorf("two webhook_relay directives are named %q: give each its own name (webhook_relay <name> { ... }), at %s:%d", name, file, line)
 	}
 	names[name] = true
 	return &handler, nil
@@ -77,13 +81,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // {file./path}. Several values accept any of them (secret rotation).
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
+	start := d.Line()
 	if d.NextArg() {
 		h.Name = d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return d.Errf("webhook_relay takes at most one argument, the relay's name: webhook_relay [<name>] { ... }")
 		}
 	}
-	start := d.Line()
 	for d.NextBlock(0) {
 		switch d.Val() {
 		case "source":
@@ -167,19 +171,21 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	if h.Auth == nil || (h.Auth.Header == "" && !h.Auth.Off) {
-		return d.SyntaxErr(whereErr(start, "auth_header <field> <value> (or 'auth off' to accept unauthenticated requests)"))
+		return blockErr(d, start, "webhook_relay needs 'auth_header <field> <value>' (or 'auth off' to accept unauthenticated requests)")
 	}
 	if h.Auth.Off && h.Auth.Header != "" {
-		return d.Errf("auth off and auth_header are both set: keep one")
+		return blockErr(d, start, "webhook_relay has both 'auth off' and 'auth_header': keep one")
 	}
 	if len(h.Targets) == 0 {
-		return d.SyntaxErr(whereErr(start, "at least one 'forward <target> <url>' block"))
+		return blockErr(d, start, "webhook_relay needs at least one 'forward <target> <url>' block")
 	}
 	return nil
 }
 
-func whereErr(line int, want string) string {
-	return "webhook_relay block starting on line " + strconv.Itoa(line) + " to have " + want
+// blockErr reports a problem of the whole webhook_relay block at the line
+// where the block starts (d.Errf would name the closing brace's line).
+func blockErr(d *caddyfile.Dispenser, line int, msg string) error {
+	return fmt.Errorf("%s, at %s:%d", msg, d.File(), line)
 }
 
 func (h *Handler) unmarshalDedupe(d *caddyfile.Dispenser) error {
@@ -192,7 +198,7 @@ func (h *Handler) unmarshalDedupe(d *caddyfile.Dispenser) error {
 		}
 		h.Dedupe.Off = true
 		if d.NextArg() {
-			return d.ArgErr()
+			return d.Errf("dedupe off takes no more arguments, got %q", d.Val())
 		}
 		return nil
 	}
@@ -218,7 +224,7 @@ func (h *Handler) unmarshalDedupe(d *caddyfile.Dispenser) error {
 			h.Dedupe.TTL = v
 		case "off":
 			if d.NextArg() {
-				return d.ArgErr()
+				return d.Errf("off takes no arguments, got %q", d.Val())
 			}
 			h.Dedupe.Off = true
 		default:
@@ -306,13 +312,15 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 	return t, nil
 }
 
+// oneArg returns the single argument of the current subdirective.
 func oneArg(d *caddyfile.Dispenser) (string, error) {
+	name := d.Val()
 	if !d.NextArg() {
-		return "", d.ArgErr()
+		return "", d.Errf("%s needs one argument", name)
 	}
 	v := d.Val()
 	if d.NextArg() {
-		return "", d.ArgErr()
+		return "", d.Errf("%s takes one argument, got more: %q", name, d.Val())
 	}
 	return v, nil
 }
@@ -347,5 +355,3 @@ func parseDuration(d *caddyfile.Dispenser, what, v string) (caddy.Duration, erro
 
 // Interface guard.
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
-
-var _ = time.Second

@@ -6,6 +6,7 @@
 package caddymodule
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -160,9 +161,11 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 const StorageMemory = "memory"
 
 // Provision builds the relay's settings and takes the engine from the
-// pool (creating it, unopened, on first use). It does no exclusive I/O:
-// `caddy validate` provisions a config beside a running server. Engines
-// open in the webhook_relay app's Start.
+// pool (creating it, unopened, on first use). It neither does exclusive
+// I/O nor changes a live engine: `caddy validate` provisions a config
+// beside a running server, and a reload's new config may still fail.
+// Engines take their new settings, and open, in the webhook_relay app's
+// Start.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	cfg, err := h.relayConfig()
@@ -192,14 +195,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	app := appAny.(*App)
-	if err := app.register(cfg.Name, key); err != nil {
+	// A site with several addresses on different servers (":8080, :8443")
+	// copies its handlers into each: the copies are one relay.
+	def, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	if err := app.register(cfg.Name, key, string(def)); err != nil {
 		return err
 	}
 	if err := processMetrics().Register(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
 
-	val, loaded, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
+	val, _, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
 		e, err := relay.New(cfg, relay.Options{
 			OpenStore: open,
 			Logger:    caddy.Log().Named("http.handlers.webhook_relay"),
@@ -215,12 +224,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.poolKey = key
 	h.engine = val.(*pooledEngine).Engine
-	if loaded {
-		if err := h.engine.Update(cfg); err != nil {
-			return err
-		}
-	}
-	app.add(h.engine)
+	// A live engine (loaded from the pool) takes this config's settings
+	// only when the config starts: provisioning alone must not change
+	// the running relay, since the config may yet fail, or only be
+	// validated.
+	app.add(h.engine, cfg)
 	if h.Storage == StorageMemory {
 		h.logger.Warn("storage is memory: events are lost when Caddy stops", zap.String("relay", cfg.Name))
 	}
@@ -302,7 +310,7 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 func resolve(v string) (string, error) {
 	out, err := caddy.NewReplacer().ReplaceOrErr(v, true, true)
 	if err != nil {
-		return "", fmt.Errorf("resolving %s: %w", redactPlaceholder(v), err)
+		return "", fmt.Errorf("resolving placeholders: %w", err)
 	}
 	return out, nil
 }
@@ -329,7 +337,7 @@ func redactPlaceholder(v string) string {
 	if strings.HasPrefix(v, "{") && strings.HasSuffix(v, "}") {
 		return v
 	}
-	return "<literal>"
+	return "a literal value"
 }
 
 // Validate checks what Provision could not.

@@ -219,10 +219,14 @@ func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.
 	ch, err := e.st.Settle(d, o)
 	if err != nil {
 		// The store is closing or failing: the delivery stays pending as
-		// last stored, and goes out again after a restart.
+		// last stored. While the engine runs, try it again later (at
+		// least once: a delivered event may go out again); on shutdown
+		// the next start sends it.
 		if e.ctx.Err() == nil {
 			e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
 				zap.String("target", t.name), zap.Error(err))
+			d.NextAt = e.now().Add(tc.BackoffMax)
+			t.q.push(itemOf(d))
 		}
 		return
 	}

@@ -303,6 +303,7 @@ func (e *Engine) Update(cfg Config) error {
 		}
 		t.counts.pending.Add(-int64(moved))
 		t.counts.dead.Add(int64(moved))
+		t.dead.Add(float64(moved))
 		e.pendingEvents.Add(-int64(settled))
 		if moved > 0 {
 			e.log.Warn("target removed from config: its pending deliveries are now dead letters",

@@ -95,7 +95,8 @@ type Stats struct {
 	// Pending and dead-letter counts per target name.
 	Pending map[string]int
 	Dead    map[string]int
-	// Keys is the number of unexpired dedupe keys.
+	// Keys is the number of dedupe keys held, expired ones not yet
+	// swept included.
 	Keys int
 }
 
