@@ -55,7 +55,6 @@ func (e *Engine) newTarget(tc TargetConfig) *target {
 		quit:   make(chan struct{}),
 	}
 	t.cfg.Store(&tc)
-	t.q.notify = make(chan struct{})
 	relayName := e.cfg.Name
 	t.delivered = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "delivered")
 	t.retried = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "retried")
@@ -133,6 +132,7 @@ func (e *Engine) work(t *target) {
 	defer e.wg.Done()
 	for {
 		if t.surplus() {
+			t.q.wakeOne() // the wake-up this worker took may have been for an item
 			return
 		}
 		it, ok := t.q.pop(e.ctx, t.quit, e.now)
@@ -359,11 +359,16 @@ func (it item) delivery(target string) *store.Delivery {
 	return d
 }
 
-// queue holds a target's pending deliveries ordered by due time.
+// queue holds a target's pending deliveries ordered by due time. Idle
+// workers wait each on its own channel, and one item wakes one worker (a
+// broadcast would wake every idle worker on every ack). One timer, armed
+// for the earliest item not yet due, wakes a worker when it falls due.
 type queue struct {
-	mu     sync.Mutex
-	h      itemHeap
-	notify chan struct{} // closed and replaced whenever workers should look again
+	mu      sync.Mutex
+	h       itemHeap
+	waiters []chan struct{}
+	timer   *time.Timer
+	timerAt int64 // unix ns the timer is armed for; 0 when not armed
 }
 
 type itemHeap []item
@@ -391,73 +396,90 @@ func (q *queue) init() {
 func (q *queue) push(it item) {
 	q.mu.Lock()
 	heap.Push(&q.h, it)
-	ch := q.notify
-	q.notify = make(chan struct{})
+	q.wakeOneLocked()
 	q.mu.Unlock()
-	close(ch)
 }
 
+func (q *queue) wakeOneLocked() {
+	if n := len(q.waiters); n > 0 {
+		close(q.waiters[n-1])
+		q.waiters = q.waiters[:n-1]
+	}
+}
+
+// wakeOne passes a wake-up on, from a worker that leaves.
+func (q *queue) wakeOne() {
+	q.mu.Lock()
+	q.wakeOneLocked()
+	q.mu.Unlock()
+}
+
+// wake makes every idle worker look again (at its settings, or at a clock
+// that moved).
 func (q *queue) wake() {
 	q.mu.Lock()
-	ch := q.notify
-	q.notify = make(chan struct{})
+	for _, w := range q.waiters {
+		close(w)
+	}
+	q.waiters = q.waiters[:0]
 	q.mu.Unlock()
-	close(ch)
 }
 
-// pop waits for the earliest item to fall due and takes it. It returns
-// false when ctx is done, quit is closed, or the queue was woken (to make
-// the caller look at its settings again before it waits on).
-func (q *queue) pop(ctx context.Context, quit <-chan struct{}, now func() time.Time) (item, bool) {
-	for {
-		q.mu.Lock()
-		wait := time.Duration(-1)
-		if len(q.h) > 0 {
-			n := now().UnixNano()
-			if q.h[0].due <= n {
-				it := heap.Pop(&q.h).(item)
-				var ch chan struct{}
-				if len(q.h) > 0 && q.h[0].due <= n {
-					// More are due: let another idle worker look.
-					ch = q.notify
-					q.notify = make(chan struct{})
-				}
-				q.mu.Unlock()
-				if ch != nil {
-					close(ch)
-				}
-				return it, true
-			}
-			wait = time.Duration(q.h[0].due - n)
-		}
-		ch := q.notify
-		q.mu.Unlock()
-		var timer *time.Timer
-		var fire <-chan time.Time
-		if wait >= 0 {
-			timer = time.NewTimer(wait)
-			fire = timer.C
-		}
-		woken := false
-		select {
-		case <-ch:
-			woken = true
-		case <-fire:
-		case <-ctx.Done():
-		case <-quit:
-		}
-		if timer != nil {
-			timer.Stop()
-		}
-		select {
-		case <-ctx.Done():
-			return item{}, false
-		case <-quit:
-			return item{}, false
-		default:
-		}
-		if woken {
-			return item{}, false
-		}
+// stop disarms the timer.
+func (q *queue) stop() {
+	q.mu.Lock()
+	if q.timer != nil {
+		q.timer.Stop()
 	}
+	q.timerAt = 0
+	q.mu.Unlock()
+}
+
+// armLocked makes the timer fire at due, unless it fires earlier already.
+func (q *queue) armLocked(due, now int64) {
+	if q.timerAt != 0 && q.timerAt <= due {
+		return
+	}
+	d := time.Duration(due - now)
+	q.timerAt = due
+	if q.timer == nil {
+		q.timer = time.AfterFunc(d, q.fire)
+		return
+	}
+	q.timer.Reset(d)
+}
+
+func (q *queue) fire() {
+	q.mu.Lock()
+	q.timerAt = 0
+	q.wakeOneLocked()
+	q.mu.Unlock()
+}
+
+// pop takes the earliest item if it is due, or waits for a wake-up. It
+// returns false after a wake-up without an item, when ctx is done, or when
+// quit is closed: the caller looks at its settings, then calls again.
+func (q *queue) pop(ctx context.Context, quit <-chan struct{}, now func() time.Time) (item, bool) {
+	q.mu.Lock()
+	n := now().UnixNano()
+	if len(q.h) > 0 && q.h[0].due <= n {
+		it := heap.Pop(&q.h).(item)
+		if len(q.h) > 0 && q.h[0].due <= n {
+			q.wakeOneLocked() // more are due: let another idle worker take one
+		}
+		q.mu.Unlock()
+		return it, true
+	}
+	if len(q.h) > 0 {
+		q.armLocked(q.h[0].due, n)
+	}
+	w := make(chan struct{})
+	q.waiters = append(q.waiters, w)
+	q.mu.Unlock()
+	select {
+	case <-w:
+	case <-ctx.Done():
+	case <-quit:
+	}
+	return item{}, false
 }

@@ -241,6 +241,7 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	e.wg.Wait()
 	for _, t := range targets {
+		t.q.stop()
 		t.client.HTTPClient.CloseIdleConnections()
 	}
 	e.m.remove(e)
@@ -294,6 +295,7 @@ func (e *Engine) Update(cfg Config) error {
 			continue
 		}
 		close(t.quit)
+		t.q.stop()
 		// Close skips removed targets: free their idle connections now.
 		t.client.HTTPClient.CloseIdleConnections()
 		moved, settled, err := e.st.KillTarget(tc.Name, ReasonTargetRemoved, e.now())
