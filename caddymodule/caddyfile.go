@@ -84,6 +84,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	start := d.Line()
 	if d.NextArg() {
 		h.Name = d.Val()
+		if err := checkName("relay", h.Name); err != nil {
+			return d.Err(err.Error())
+		}
 		if d.NextArg() {
 			return d.Errf("webhook_relay takes at most one argument, the relay's name: webhook_relay [<name>] { ... }")
 		}
@@ -241,6 +244,9 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 		return t, d.Errf("forward needs a target name and a URL: forward <target> <url> { ... }")
 	}
 	t.Name, t.URL = args[0], args[1]
+	if err := checkName("target", t.Name); err != nil {
+		return t, d.Errf("forward: %v", err)
+	}
 	if err := relay.CheckURL(t.URL); err != nil {
 		return t, d.Errf("forward %s: %v", t.Name, err)
 	}

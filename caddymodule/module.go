@@ -257,6 +257,16 @@ func (h *Handler) storeOpener(name string) (string, func() (store.Store, error),
 // relayConfig maps the JSON config to the engine's, resolving placeholders
 // of forwarded headers.
 func (h *Handler) relayConfig() (relay.Config, error) {
+	if h.Name != "" {
+		if err := checkName("relay", h.Name); err != nil {
+			return relay.Config{}, err
+		}
+	}
+	for _, t := range h.Targets {
+		if err := checkName("target", t.Name); err != nil {
+			return relay.Config{}, err
+		}
+	}
 	cfg := relay.Config{
 		Name:       h.Name,
 		Source:     relay.Source(h.Source),
@@ -304,6 +314,23 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 		cfg.Targets = append(cfg.Targets, tc)
 	}
 	return cfg.WithDefaults()
+}
+
+// checkName accepts the names of relays and targets: they appear in
+// admin API paths, directory names, metric labels and the
+// X-Webhook-Relay-Target header.
+func checkName(what, name string) error {
+	ok := name != "" && name[0] != '.' && len(name) <= 64
+	for _, r := range name {
+		if !ok {
+			break
+		}
+		ok = r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.'
+	}
+	if !ok {
+		return fmt.Errorf("%s name %q: use up to 64 letters, digits, '-', '_' and '.', not starting with '.'", what, name)
+	}
+	return nil
 }
 
 // resolve replaces global placeholders ({env.X}, {file./path}, ...).
