@@ -87,17 +87,20 @@ func (a adminAPI) overview(w http.ResponseWriter) error {
 	out := struct {
 		Relays []relayOverview `json:"relays"`
 	}{Relays: []relayOverview{}}
-	seen := map[string]bool{}
+	// During a reload that moves a relay to new storage, two engines
+	// share its name for a moment: show the open one.
+	byName := map[string]*relay.Engine{}
 	engines.Range(func(_, v any) bool {
 		e := v.(*pooledEngine).Engine
 		name := e.Name()
-		if seen[name] {
-			return true
+		if prev := byName[name]; prev == nil || (!prev.IsOpen() && e.IsOpen()) {
+			byName[name] = e
 		}
-		seen[name] = true
-		out.Relays = append(out.Relays, relayOverview{Name: name, PendingEvents: e.PendingEvents(), Targets: e.Stats()})
 		return true
 	})
+	for name, e := range byName {
+		out.Relays = append(out.Relays, relayOverview{Name: name, PendingEvents: e.PendingEvents(), Targets: e.Stats()})
+	}
 	sort.Slice(out.Relays, func(i, j int) bool { return out.Relays[i].Name < out.Relays[j].Name })
 	return writeJSON(w, out)
 }

@@ -44,8 +44,23 @@ type target struct {
 	mu      sync.Mutex
 	running int // workers alive; while above concurrency, the next to look leaves
 
+	metrics atomic.Pointer[targetMetrics] // swapped when the relay is renamed
+}
+
+// targetMetrics are a target's metric children, resolved once per name.
+type targetMetrics struct {
 	delivered, retried, dead prometheus.Counter
 	attemptDur, latency      prometheus.Observer
+}
+
+func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
+	return &targetMetrics{
+		delivered:  e.m.Deliveries.WithLabelValues(relayName, target, "delivered"),
+		retried:    e.m.Deliveries.WithLabelValues(relayName, target, "retried"),
+		dead:       e.m.Deliveries.WithLabelValues(relayName, target, "dead_lettered"),
+		attemptDur: e.m.AttemptDuration.WithLabelValues(relayName, target),
+		latency:    e.m.DeliveryLatency.WithLabelValues(relayName, target),
+	}
 }
 
 func (e *Engine) newTarget(tc TargetConfig) *target {
@@ -56,11 +71,7 @@ func (e *Engine) newTarget(tc TargetConfig) *target {
 	}
 	t.cfg.Store(&tc)
 	relayName := e.cfg.Name
-	t.delivered = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "delivered")
-	t.retried = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "retried")
-	t.dead = e.m.Deliveries.WithLabelValues(relayName, tc.Name, "dead_lettered")
-	t.attemptDur = e.m.AttemptDuration.WithLabelValues(relayName, tc.Name)
-	t.latency = e.m.DeliveryLatency.WithLabelValues(relayName, tc.Name)
+	t.metrics.Store(e.targetMetrics(relayName, tc.Name))
 	t.client = newClient(tc.Concurrency)
 	return t
 }
@@ -180,7 +191,7 @@ func (e *Engine) attempt(t *target, it item) {
 	d.LastAttemptAt = now
 	start := time.Now()
 	resp, err := e.send(t.client, tc, ev, d.Attempts)
-	t.attemptDur.Observe(time.Since(start).Seconds())
+	t.metrics.Load().attemptDur.Observe(time.Since(start).Seconds())
 	if errors.Is(err, errAbandoned) {
 		return // left pending as it was; the next start sends it again
 	}
@@ -235,20 +246,21 @@ func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.
 	e.pendingEvents.Add(int64(ch.PendingEvents))
 	switch o {
 	case store.Delivered:
-		t.delivered.Inc()
-		t.latency.Observe(e.now().Sub(d.ReceivedAt).Seconds())
+		m := t.metrics.Load()
+		m.delivered.Inc()
+		m.latency.Observe(e.now().Sub(d.ReceivedAt).Seconds())
 		if ce := e.log.Check(zapcore.DebugLevel, "delivered"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts))
 		}
 	case store.Retry:
-		t.retried.Inc()
+		t.metrics.Load().retried.Inc()
 		t.q.push(itemOf(d))
 		if ce := e.log.Check(zapcore.DebugLevel, "delivery failed, will retry"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts),
 				zap.Time("next_attempt", d.NextAt), zap.String("error", d.LastError))
 		}
 	case store.Dead:
-		t.dead.Inc()
+		t.metrics.Load().dead.Inc()
 		e.log.Warn("delivery dead-lettered",
 			zap.String("event_id", d.ID.String()), zap.String("target", t.name),
 			zap.Int("attempt", d.Attempts), zap.Int("max_attempts", tc.MaxAttempts),

@@ -265,6 +265,9 @@ func (e *Engine) Update(cfg Config) error {
 	e.cfg = &c
 	if c.Name != e.ctrs.name {
 		e.ctrs = e.newCounters(c.Name)
+		for _, t := range e.targets {
+			t.metrics.Store(e.targetMetrics(c.Name, t.name))
+		}
 	}
 	e.dd.resize(c.Dedupe.Capacity, e.now())
 	if e.state != stateOpen {
@@ -305,7 +308,7 @@ func (e *Engine) Update(cfg Config) error {
 		}
 		t.counts.pending.Add(-int64(moved))
 		t.counts.dead.Add(int64(moved))
-		t.dead.Add(float64(moved))
+		t.metrics.Load().dead.Add(float64(moved))
 		e.pendingEvents.Add(-int64(settled))
 		if moved > 0 {
 			e.log.Warn("target removed from config: its pending deliveries are now dead letters",
@@ -389,8 +392,8 @@ func (e *Engine) Receive(body []byte, contentType string) (Result, error) {
 	return res, nil
 }
 
-// Observe counts one answered request: its result label and, for answers
-// to the sender's event, the time from the request's start to the ack.
+// Observe counts one answered request by result and, for 200 and 503
+// answers, the time from the request's start to the answer.
 func (e *Engine) Observe(result string, d time.Duration) {
 	e.mu.RLock()
 	c := e.ctrs
@@ -398,7 +401,12 @@ func (e *Engine) Observe(result string, d time.Duration) {
 	if r := c.received[result]; r != nil {
 		r.Inc()
 	}
-	c.ack.Observe(d.Seconds())
+	switch result {
+	case ResultAccepted, ResultDuplicate, ResultUnavailable:
+		// Answers to an event the sender may send again; rejections of
+		// bad requests are not acks.
+		c.ack.Observe(d.Seconds())
+	}
 }
 
 // RetryAfter is what a 503 should tell the sender.
@@ -520,17 +528,19 @@ func (e *Engine) DeleteDead(id store.ID, target string) (int, error) {
 // janitor forgets expired dedupe keys.
 func (e *Engine) janitor() {
 	defer e.wg.Done()
-	every := time.Minute
-	if ttl := e.Config().Dedupe.TTL / 10; ttl < every {
-		every = max(ttl, time.Second)
+	// Every tenth of the TTL, at most a minute, at least a second; read
+	// afresh each time, since a reload may change the TTL.
+	interval := func() time.Duration {
+		return min(max(e.Config().Dedupe.TTL/10, time.Second), time.Minute)
 	}
-	tick := time.NewTicker(every)
+	tick := time.NewTimer(interval())
 	defer tick.Stop()
 	for {
 		select {
 		case <-e.ctx.Done():
 			return
 		case <-tick.C:
+			tick.Reset(interval())
 			n, err := e.st.ExpireKeys(e.now())
 			if err != nil && !errors.Is(err, store.ErrClosed) {
 				e.log.Error("expiring dedupe keys", zap.Error(err))

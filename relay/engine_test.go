@@ -726,7 +726,8 @@ func TestMetrics(t *testing.T) {
 		}},
 		{"caddy_webhook_relay_delivery_latency_seconds", map[string]float64{"ok": 2, "down": 0, "bad": 0}},
 		{"caddy_webhook_relay_delivery_attempt_duration_seconds", map[string]float64{"ok": 2, "down": 2, "bad": 2}},
-		{"caddy_webhook_relay_ack_duration_seconds", map[string]float64{"": 4}},
+		// 401 is a rejection, not an ack: 2 accepted + 1 duplicate.
+		{"caddy_webhook_relay_ack_duration_seconds", map[string]float64{"": 3}},
 	} {
 		if got := gather(t, reg, g.name); fmt.Sprint(got) != fmt.Sprint(g.want) {
 			t.Errorf("%s = %v, want %v", g.name, got, g.want)
