@@ -15,10 +15,13 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 )
 
+// The layout keeps every write of the ack path but one at the end of its
+// bucket: keys that start with a time (a ref is receipt time + id) go to
+// the last leaf page, so a group commit of many events dirties a few pages,
+// not one per event per bucket. Only the id index takes random inserts.
 var (
-	bucketMeta    = []byte("meta")    // id -> meta
-	bucketBody    = []byte("body")    // id -> content type + body
-	bucketKeys    = []byte("keys")    // id -> key expiry (unix ns)
+	bucketEvents  = []byte("events")  // ref -> counts, content type, body
+	bucketKeys    = []byte("keys")    // id -> key expiry + receipt time: dedupe key and id index
 	bucketKeyExp  = []byte("keyexp")  // expiry + id -> nil, to expire keys in order
 	bucketPending = []byte("pending") // target -> ref -> delivery
 	bucketDead    = []byte("dead")    // target -> ref -> delivery
@@ -59,6 +62,9 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{
 		Timeout:      timeout,
 		FreelistType: bolt.FreelistMapType,
+		// The freelist is rebuilt by a scan at open instead of being
+		// written at every commit: under churn it grows to many pages.
+		NoFreelistSync: true,
 	})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("opening store %s: file is locked by another process (another Caddy using the same storage?): %w", path, err)
@@ -67,7 +73,7 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketBody, bucketKeys, bucketKeyExp, bucketPending, bucketDead} {
+		for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -188,14 +194,101 @@ func (s *Bolt) commit(batch []*op) {
 	}
 }
 
-func u64(t time.Time) []byte {
-	b := make([]byte, 8)
-	binary.BigEndian.PutUint64(b, uint64(t.UnixNano()))
+// index is a keys-bucket value: the key's expiry (0: not a dedupe key,
+// only the index of a stored event) and the event's receipt time.
+type index struct {
+	expiry int64
+	recv   int64
+}
+
+func (x index) encode() []byte {
+	b := make([]byte, 16)
+	binary.BigEndian.PutUint64(b, uint64(x.expiry))
+	binary.BigEndian.PutUint64(b[8:], uint64(x.recv))
 	return b
 }
 
-func keyExpired(v []byte, now time.Time) bool {
-	return len(v) != 8 || int64(binary.BigEndian.Uint64(v)) <= now.UnixNano()
+func getIndex(tx *bolt.Tx, id ID) (index, bool) {
+	v := tx.Bucket(bucketKeys).Get(id[:])
+	if len(v) != 16 {
+		return index{}, false
+	}
+	return index{expiry: int64(binary.BigEndian.Uint64(v)), recv: int64(binary.BigEndian.Uint64(v[8:]))}, true
+}
+
+func refAt(recv int64, id ID) []byte { return makeRef(time.Unix(0, recv), id) }
+
+func expKey(expiry int64, id ID) []byte {
+	k := make([]byte, 8+len(id))
+	binary.BigEndian.PutUint64(k, uint64(expiry))
+	copy(k[8:], id[:])
+	return k
+}
+
+// An events-bucket value: owed and dead counts, content type, body.
+const countsLen = 8
+
+func encodeEvent(owed, dead uint32, ev *Event) []byte {
+	b := make([]byte, countsLen+2+len(ev.ContentType)+len(ev.Body))
+	binary.BigEndian.PutUint32(b, owed)
+	binary.BigEndian.PutUint32(b[4:], dead)
+	binary.BigEndian.PutUint16(b[8:], uint16(len(ev.ContentType)))
+	n := copy(b[10:], ev.ContentType)
+	copy(b[10+n:], ev.Body)
+	return b
+}
+
+func decodeCounts(v []byte) (owed, dead uint32, err error) {
+	if len(v) < countsLen+2 {
+		return 0, 0, errCorrupt
+	}
+	return binary.BigEndian.Uint32(v), binary.BigEndian.Uint32(v[4:]), nil
+}
+
+// stored is an event's record as found in a transaction.
+type stored struct {
+	id         ID
+	ref        []byte
+	owed, dead uint32
+	val        []byte // valid until the transaction ends
+}
+
+// lookup finds a stored event by id.
+func lookup(tx *bolt.Tx, id ID) (*stored, error) {
+	x, ok := getIndex(tx, id)
+	if !ok {
+		return nil, nil
+	}
+	ref := refAt(x.recv, id)
+	v := tx.Bucket(bucketEvents).Get(ref)
+	if v == nil {
+		return nil, nil
+	}
+	owed, dead, err := decodeCounts(v)
+	if err != nil {
+		return nil, err
+	}
+	return &stored{id: id, ref: ref, owed: owed, dead: dead, val: v}, nil
+}
+
+// save writes back the counts of e, or deletes the event once nothing
+// references it (and its index entry, unless it is still a dedupe key).
+func (e *stored) save(tx *bolt.Tx) error {
+	events := tx.Bucket(bucketEvents)
+	if e.owed == 0 && e.dead == 0 {
+		if err := events.Delete(e.ref); err != nil {
+			return err
+		}
+		if x, ok := getIndex(tx, e.id); ok && x.expiry == 0 {
+			return tx.Bucket(bucketKeys).Delete(e.id[:])
+		}
+		return nil
+	}
+	v := make([]byte, len(e.val))
+	copy(v, e.val)
+	binary.BigEndian.PutUint32(v, e.owed)
+	binary.BigEndian.PutUint32(v[4:], e.dead)
+	return events.Put(e.ref, v)
 }
 
 // Accept implements Store.
@@ -205,40 +298,38 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 	err := s.submit(func(tx *bolt.Tx) error {
 		dup = false
 		keys := tx.Bucket(bucketKeys)
-		metas := tx.Bucket(bucketMeta)
-		if v := keys.Get(id[:]); v != nil && !keyExpired(v, now) {
-			dup = true
-			return nil
-		}
-		if metas.Get(id[:]) != nil {
-			dup = true
-			return nil
-		}
-		if !keyExpiry.IsZero() {
-			exp := tx.Bucket(bucketKeyExp)
-			if old := keys.Get(id[:]); len(old) == 8 {
-				if err := exp.Delete(append(append([]byte{}, old...), id[:]...)); err != nil {
+		exps := tx.Bucket(bucketKeyExp)
+		if x, ok := getIndex(tx, id); ok {
+			if x.expiry > now.UnixNano() || tx.Bucket(bucketEvents).Get(refAt(x.recv, id)) != nil {
+				dup = true
+				return nil
+			}
+			if x.expiry != 0 {
+				if err := exps.Delete(expKey(x.expiry, id)); err != nil {
 					return err
 				}
 			}
-			e := u64(keyExpiry)
-			if err := keys.Put(id[:], e); err != nil {
+		}
+		if keyExpiry.IsZero() && len(targets) == 0 {
+			return nil
+		}
+		x := index{recv: ev.ReceivedAt.UnixNano()}
+		if !keyExpiry.IsZero() {
+			x.expiry = keyExpiry.UnixNano()
+			if err := exps.Put(expKey(x.expiry, id), nil); err != nil {
 				return err
 			}
-			if err := exp.Put(append(e, id[:]...), nil); err != nil {
-				return err
-			}
+		}
+		if err := keys.Put(id[:], x.encode()); err != nil {
+			return err
 		}
 		if len(targets) == 0 {
 			return nil
 		}
-		if err := metas.Put(id[:], meta{receivedAt: ev.ReceivedAt, owed: uint32(len(targets))}.encode()); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bucketBody).Put(id[:], encodeBody(ev)); err != nil {
-			return err
-		}
 		ref := makeRef(ev.ReceivedAt, id)
+		if err := tx.Bucket(bucketEvents).Put(ref, encodeEvent(uint32(len(targets)), 0, ev)); err != nil {
+			return err
+		}
 		d := encodeDelivery(&Delivery{NextAt: now})
 		pending := tx.Bucket(bucketPending)
 		for _, t := range targets {
@@ -259,11 +350,8 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 func (s *Bolt) Seen(id ID, now time.Time) (bool, error) {
 	var seen bool
 	err := s.view(func(tx *bolt.Tx) error {
-		if v := tx.Bucket(bucketKeys).Get(id[:]); v != nil && !keyExpired(v, now) {
-			seen = true
-			return nil
-		}
-		seen = tx.Bucket(bucketMeta).Get(id[:]) != nil
+		x, ok := getIndex(tx, id)
+		seen = ok && (x.expiry > now.UnixNano() || tx.Bucket(bucketEvents).Get(refAt(x.recv, id)) != nil)
 		return nil
 	})
 	return seen, err
@@ -282,39 +370,22 @@ func (s *Bolt) view(fn func(*bolt.Tx) error) error {
 func (s *Bolt) Event(id ID) (*Event, error) {
 	var ev *Event
 	err := s.view(func(tx *bolt.Tx) error {
-		var err error
-		ev, err = getEvent(tx, id)
-		return err
-	})
-	return ev, err
-}
-
-func getEvent(tx *bolt.Tx, id ID) (*Event, error) {
-	mv := tx.Bucket(bucketMeta).Get(id[:])
-	bv := tx.Bucket(bucketBody).Get(id[:])
-	if mv == nil || bv == nil {
-		return nil, ErrNotFound
-	}
-	m, err := decodeMeta(mv)
-	if err != nil {
-		return nil, err
-	}
-	ctype, body, err := decodeBody(bv)
-	if err != nil {
-		return nil, err
-	}
-	return &Event{ID: id, ReceivedAt: m.receivedAt, ContentType: ctype, Body: body}, nil
-}
-
-// putMeta writes m back, or deletes the event once nothing references it.
-func putMeta(tx *bolt.Tx, id ID, m meta) error {
-	if m.owed == 0 && m.dead == 0 {
-		if err := tx.Bucket(bucketMeta).Delete(id[:]); err != nil {
+		e, err := lookup(tx, id)
+		if err != nil {
 			return err
 		}
-		return tx.Bucket(bucketBody).Delete(id[:])
-	}
-	return tx.Bucket(bucketMeta).Put(id[:], m.encode())
+		if e == nil {
+			return ErrNotFound
+		}
+		at, _, _ := parseRef(e.ref)
+		ctype, body, err := decodeBody(e.val[countsLen:])
+		if err != nil {
+			return err
+		}
+		ev = &Event{ID: id, ReceivedAt: at, ContentType: ctype, Body: body}
+		return nil
+	})
+	return ev, err
 }
 
 // Settle implements Store.
@@ -322,64 +393,59 @@ func (s *Bolt) Settle(d *Delivery, o Outcome) (Change, error) {
 	var ch Change
 	err := s.submit(func(tx *bolt.Tx) error {
 		ch = Change{}
-		mv := tx.Bucket(bucketMeta).Get(d.ID[:])
-		if mv == nil {
-			return nil
-		}
-		m, err := decodeMeta(mv)
-		if err != nil {
+		e, err := lookup(tx, d.ID)
+		if err != nil || e == nil {
 			return err
 		}
-		ref := makeRef(m.receivedAt, d.ID)
 		target := []byte(d.Target)
 		pb := tx.Bucket(bucketPending).Bucket(target)
 		db := tx.Bucket(bucketDead).Bucket(target)
-		inPending := pb != nil && pb.Get(ref) != nil
-		inDead := db != nil && db.Get(ref) != nil
-		owed := m.owed
+		inPending := pb != nil && pb.Get(e.ref) != nil
+		inDead := db != nil && db.Get(e.ref) != nil
+		owed := e.owed
 		switch o {
 		case Retry:
 			if !inPending {
 				return nil
 			}
-			return pb.Put(ref, encodeDelivery(d))
+			return pb.Put(e.ref, encodeDelivery(d))
 		case Dead:
 			if !inPending {
 				return nil
 			}
-			if err := pb.Delete(ref); err != nil {
+			if err := pb.Delete(e.ref); err != nil {
 				return err
 			}
 			db, err := tx.Bucket(bucketDead).CreateBucketIfNotExists(target)
 			if err != nil {
 				return err
 			}
-			if err := db.Put(ref, encodeDelivery(d)); err != nil {
+			if err := db.Put(e.ref, encodeDelivery(d)); err != nil {
 				return err
 			}
-			m.owed--
-			m.dead++
+			e.owed--
+			e.dead++
 			ch.Pending, ch.Dead = -1, 1
 		case Delivered:
 			if inPending {
-				if err := pb.Delete(ref); err != nil {
+				if err := pb.Delete(e.ref); err != nil {
 					return err
 				}
-				m.owed--
+				e.owed--
 				ch.Pending = -1
 			}
 			if inDead {
-				if err := db.Delete(ref); err != nil {
+				if err := db.Delete(e.ref); err != nil {
 					return err
 				}
-				m.dead--
+				e.dead--
 				ch.Dead = -1
 			}
 		}
-		if owed > 0 && m.owed == 0 {
+		if owed > 0 && e.owed == 0 {
 			ch.PendingEvents = -1
 		}
-		return putMeta(tx, d.ID, m)
+		return e.save(tx)
 	})
 	if err != nil {
 		return Change{}, err
@@ -449,23 +515,19 @@ func (s *Bolt) KillTarget(target, reason string, now time.Time) (int, int, error
 			if err := db.Put(append([]byte{}, k...), encodeDelivery(d)); err != nil {
 				return err
 			}
-			mv := tx.Bucket(bucketMeta).Get(d.ID[:])
-			if mv == nil {
-				return nil
-			}
-			m, err := decodeMeta(mv)
-			if err != nil {
+			n++
+			e, err := lookup(tx, d.ID)
+			if err != nil || e == nil {
 				return err
 			}
-			if m.owed > 0 {
-				m.owed--
-				if m.owed == 0 {
+			if e.owed > 0 {
+				e.owed--
+				if e.owed == 0 {
 					settled++
 				}
 			}
-			m.dead++
-			n++
-			return putMeta(tx, d.ID, m)
+			e.dead++
+			return e.save(tx)
 		})
 		if err != nil {
 			return err
@@ -498,6 +560,7 @@ func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, stri
 		} else {
 			_ = dead.ForEachBucket(func(k []byte) error { names = append(names, string(k)); return nil })
 		}
+		events := tx.Bucket(bucketEvents)
 		for _, t := range names {
 			if fromTarget != "" && t < fromTarget {
 				continue
@@ -518,7 +581,8 @@ func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, stri
 			}
 			for ; k != nil; k, v = c.Next() {
 				if len(list) == limit {
-					next = encodeCursor(list[len(list)-1].Target, makeRef(list[len(list)-1].ReceivedAt, list[len(list)-1].ID))
+					last := list[len(list)-1]
+					next = encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID))
 					return nil
 				}
 				d, err := decodeDelivery(t, k, v)
@@ -526,8 +590,8 @@ func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, stri
 					return err
 				}
 				dl := DeadLetter{Delivery: *d}
-				if bv := tx.Bucket(bucketBody).Get(d.ID[:]); bv != nil {
-					if dl.ContentType, dl.Body, err = decodeBody(bv); err != nil {
+				if ev := events.Get(k); len(ev) >= countsLen {
+					if dl.ContentType, dl.Body, err = decodeBody(ev[countsLen:]); err != nil {
 						return err
 					}
 				}
@@ -537,6 +601,26 @@ func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, stri
 		return nil
 	})
 	return list, next, err
+}
+
+// deadRefs returns the refs of target's dead letters among ids (all of
+// them when ids is empty).
+func deadRefs(tx *bolt.Tx, b *bolt.Bucket, ids []ID) ([][]byte, error) {
+	var refs [][]byte
+	if len(ids) == 0 {
+		err := b.ForEach(func(k, _ []byte) error { refs = append(refs, append([]byte{}, k...)); return nil })
+		return refs, err
+	}
+	for _, id := range ids {
+		e, err := lookup(tx, id)
+		if err != nil {
+			return nil, err
+		}
+		if e != nil && b.Get(e.ref) != nil {
+			refs = append(refs, e.ref)
+		}
+	}
+	return refs, nil
 }
 
 // Replay implements Store.
@@ -553,23 +637,9 @@ func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.
 				continue
 			}
 			db := dead.Bucket([]byte(t))
-			var refs [][]byte
-			if len(ids) == 0 {
-				_ = db.ForEach(func(k, _ []byte) error { refs = append(refs, append([]byte{}, k...)); return nil })
-			} else {
-				for _, id := range ids {
-					mv := tx.Bucket(bucketMeta).Get(id[:])
-					if mv == nil {
-						continue
-					}
-					m, err := decodeMeta(mv)
-					if err != nil {
-						return err
-					}
-					if ref := makeRef(m.receivedAt, id); db.Get(ref) != nil {
-						refs = append(refs, ref)
-					}
-				}
+			refs, err := deadRefs(tx, db, ids)
+			if err != nil {
+				return err
 			}
 			if len(refs) == 0 {
 				continue
@@ -590,19 +660,22 @@ func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.
 				if err := pb.Put(ref, encodeDelivery(&d)); err != nil {
 					return err
 				}
-				m, err := decodeMeta(tx.Bucket(bucketMeta).Get(id[:]))
+				out = append(out, d)
+				e, err := lookup(tx, id)
 				if err != nil {
 					return err
 				}
-				if m.owed == 0 {
+				if e == nil {
+					continue
+				}
+				if e.owed == 0 {
 					revived++
 				}
-				m.owed++
-				m.dead--
-				if err := putMeta(tx, id, m); err != nil {
+				e.owed++
+				e.dead--
+				if err := e.save(tx); err != nil {
 					return err
 				}
-				out = append(out, d)
 			}
 		}
 		return nil
@@ -615,38 +688,34 @@ func (s *Bolt) DeleteDead(id ID, target string) (map[string]int, error) {
 	var n map[string]int
 	err := s.submit(func(tx *bolt.Tx) error {
 		n = map[string]int{}
-		mv := tx.Bucket(bucketMeta).Get(id[:])
-		if mv == nil {
-			return nil
-		}
-		m, err := decodeMeta(mv)
-		if err != nil {
+		e, err := lookup(tx, id)
+		if err != nil || e == nil {
 			return err
 		}
-		ref := makeRef(m.receivedAt, id)
 		dead := tx.Bucket(bucketDead)
 		err = dead.ForEachBucket(func(name []byte) error {
 			if target != "" && string(name) != target {
 				return nil
 			}
 			b := dead.Bucket(name)
-			if b.Get(ref) == nil {
+			if b.Get(e.ref) == nil {
 				return nil
 			}
 			n[string(name)]++
-			m.dead--
-			return b.Delete(ref)
+			e.dead--
+			return b.Delete(e.ref)
 		})
 		if err != nil {
 			return err
 		}
-		return putMeta(tx, id, m)
+		return e.save(tx)
 	})
 	return n, err
 }
 
 // ExpireKeys implements Store. It works in slices so that a large sweep
-// does not hold up the acks queued behind it.
+// does not hold up the acks queued behind it. A key whose event is still
+// stored stays as the event's index entry, no longer a dedupe key.
 func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 	total := 0
 	for {
@@ -654,9 +723,9 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 		var more bool
 		err := s.submit(func(tx *bolt.Tx) error {
 			n, more = 0, false
-			exp := tx.Bucket(bucketKeyExp)
 			keys := tx.Bucket(bucketKeys)
-			c := exp.Cursor()
+			events := tx.Bucket(bucketEvents)
+			c := tx.Bucket(bucketKeyExp).Cursor()
 			for k, _ := c.First(); k != nil; k, _ = c.First() {
 				if len(k) != 8+len(ID{}) || int64(binary.BigEndian.Uint64(k)) > now.UnixNano() {
 					return nil
@@ -665,9 +734,17 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 					more = true
 					return nil
 				}
-				id := k[8:]
-				if v := keys.Get(id); v != nil && bytes.Equal(v, k[:8]) {
-					if err := keys.Delete(id); err != nil {
+				var id ID
+				copy(id[:], k[8:])
+				exp := int64(binary.BigEndian.Uint64(k))
+				if x, ok := getIndex(tx, id); ok && x.expiry == exp {
+					var err error
+					if events.Get(refAt(x.recv, id)) != nil {
+						err = keys.Put(id[:], index{recv: x.recv}.encode())
+					} else {
+						err = keys.Delete(id[:])
+					}
+					if err != nil {
 						return err
 					}
 				}
@@ -689,12 +766,12 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 func (s *Bolt) Stats(now time.Time) (Stats, error) {
 	st := Stats{Pending: map[string]int{}, Dead: map[string]int{}}
 	err := s.view(func(tx *bolt.Tx) error {
-		err := tx.Bucket(bucketMeta).ForEach(func(_, v []byte) error {
-			m, err := decodeMeta(v)
+		err := tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
+			owed, _, err := decodeCounts(v)
 			if err != nil {
 				return err
 			}
-			if m.owed > 0 {
+			if owed > 0 {
 				st.PendingEvents++
 			}
 			return nil
@@ -717,7 +794,7 @@ func (s *Bolt) Stats(now time.Time) (Stats, error) {
 				return err
 			}
 		}
-		st.Keys = tx.Bucket(bucketKeys).Stats().KeyN
+		st.Keys = tx.Bucket(bucketKeyExp).Stats().KeyN
 		return nil
 	})
 	return st, err

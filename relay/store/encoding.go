@@ -31,43 +31,7 @@ func parseRef(k []byte) (time.Time, ID, error) {
 	return time.Unix(0, int64(binary.BigEndian.Uint64(k))), id, nil
 }
 
-// meta is what an event knows of its deliveries.
-type meta struct {
-	receivedAt time.Time
-	owed       uint32 // pending deliveries
-	dead       uint32 // dead letters
-}
-
-const metaLen = 16
-
-func (m meta) encode() []byte {
-	b := make([]byte, metaLen)
-	binary.BigEndian.PutUint64(b, uint64(m.receivedAt.UnixNano()))
-	binary.BigEndian.PutUint32(b[8:], m.owed)
-	binary.BigEndian.PutUint32(b[12:], m.dead)
-	return b
-}
-
-func decodeMeta(b []byte) (meta, error) {
-	if len(b) != metaLen {
-		return meta{}, errCorrupt
-	}
-	return meta{
-		receivedAt: time.Unix(0, int64(binary.BigEndian.Uint64(b))),
-		owed:       binary.BigEndian.Uint32(b[8:]),
-		dead:       binary.BigEndian.Uint32(b[12:]),
-	}, nil
-}
-
-// encodeBody stores the content type before the body bytes.
-func encodeBody(ev *Event) []byte {
-	b := make([]byte, 2+len(ev.ContentType)+len(ev.Body))
-	binary.BigEndian.PutUint16(b, uint16(len(ev.ContentType)))
-	n := copy(b[2:], ev.ContentType)
-	copy(b[2+n:], ev.Body)
-	return b
-}
-
+// decodeBody reads the content type stored before the body bytes.
 func decodeBody(b []byte) (ctype string, body []byte, err error) {
 	if len(b) < 2 {
 		return "", nil, errCorrupt
