@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"sync"
 	"time"
@@ -151,6 +152,18 @@ func (s *Bolt) writer() {
 			}
 		}
 		batch = append(batch[:0], first)
+		// Let the goroutines that are ready to run queue their writes
+		// before this commit starts. Without it, with one CPU the writer
+		// runs as soon as the first write is queued (the scheduler runs
+		// a goroutine woken by a channel next), commits it alone, and
+		// every request pays a whole fsync of its own.
+		for range 4 {
+			n := len(s.ops)
+			runtime.Gosched()
+			if len(s.ops) == n {
+				break
+			}
+		}
 	fill:
 		for len(batch) < maxBatch {
 			select {

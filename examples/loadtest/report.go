@@ -1,0 +1,144 @@
+package main
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+func (r *runner) printTable() {
+	fmt.Println("| scenario | server | acks/s | ratio to respond | p50 | p99 | generator CPU % | server CPU % | peak RSS MB | notes |")
+	fmt.Println("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+	for _, rw := range r.rows {
+		notes := make([]string, 0, len(rw.notes))
+		for _, n := range rw.notes {
+			if n != "" {
+				notes = append(notes, strings.ReplaceAll(n, "|", `\|`))
+			}
+		}
+		fmt.Printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			rw.scenario, rw.server, fmtRate(rw.acks), fmtRatio(rw.ratio), fmtDur(rw.p50), fmtDur(rw.p99),
+			fmtPct(rw.genCPU), fmtPct(rw.srvCPU), fmtMB(rw.rss), strings.Join(notes, "; "))
+	}
+	fmt.Println()
+	fmt.Println("generator CPU % is this process (load generator and target) as % of one core;")
+	fmt.Println("server CPU % is Caddy's, from /proc/<pid>/stat; peak RSS is Caddy's VmHWM;")
+	fmt.Println("\"busy\" is each whole core from /proc/stat (the generator core near 100% with generator CPU % near 100 = generator-bound);")
+	fmt.Println("\"other processes\" is what neither this process nor Caddy used of the cores, irq and steal left out.")
+	if r.maxOther >= 25 {
+		fmt.Printf("WARNING: other processes used up to %.0f%% of a core during some runs: those figures are noisy.\n", r.maxOther)
+	}
+}
+
+// printTargets checks the figures against the targets of issue 3.
+func (r *runner) printTargets() {
+	type check struct{ target, figure, goal, met string }
+	var out []check
+	yes := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT MET"
+	}
+	if resp := r.burst[kindRespond]; resp != nil && resp.acks > 0 {
+		if b := r.burst[kindBolt]; b != nil {
+			x := b.acks / resp.acks
+			out = append(out, check{"1. burst, relay-bolt", fmt.Sprintf("%.2fx respond", x), ">= 0.5x (aim 0.7x)", yes(x >= 0.5)})
+		}
+		if b := r.burst[kindMemory]; b != nil {
+			x := b.acks / resp.acks
+			out = append(out, check{"1. burst, relay-memory", fmt.Sprintf("%.2fx respond", x), ">= 0.8x", yes(x >= 0.8)})
+		}
+	}
+	if p := r.burst[kindProxy]; p != nil && p.acks > 0 && r.sustained > 0 {
+		x := r.sustained / p.acks
+		out = append(out, check{"2. sustained, relay-bolt", fmt.Sprintf("%s/s = %.2fx reverse_proxy max (%s/s)", fmtRate(r.sustained), x, fmtRate(p.acks)), ">= 1.0x", yes(x >= 1)})
+	} else if r.sustained > 0 {
+		out = append(out, check{"2. sustained, relay-bolt", fmtRate(r.sustained) + "/s", ">= reverse_proxy max (not measured)", "?"})
+	}
+	if h, ok := r.latencyP99[modeHealthy]; ok {
+		out = append(out, check{"3. ack p99 at " + fmtRate(r.opts.rate) + "/s", fmtDur(h), "<= 3 ms", yes(h <= 3*time.Millisecond)})
+		for _, m := range []int32{modeSlow, modeDown} {
+			if v, ok := r.latencyP99[m]; ok {
+				out = append(out, check{
+					"3. ack p99, " + modeNames[m], fmt.Sprintf("%s (%.2fx healthy)", fmtDur(v), float64(v)/float64(h)),
+					"<= 3 ms and within 20%", yes(v <= 3*time.Millisecond && float64(v) <= 1.2*float64(h)),
+				})
+			}
+		}
+	}
+	if r.drainRate > 0 {
+		out = append(out, check{"4. backlog drain", fmtRate(r.drainRate) + " events/s", ">= 10,000/s", yes(r.drainRate >= 10000)})
+	}
+	if r.restartReady > 0 {
+		met := yes(r.restartReady <= 3*time.Second)
+		if r.restartN < 1_000_000 {
+			met += " (at " + fmtRate(float64(r.restartN)) + " pending; the target is at 1,000,000: -restart-pending 1000000)"
+		}
+		out = append(out, check{"4. restart with pending", fmt.Sprintf("serving in %.2fs", r.restartReady.Seconds()), "<= 3 s with 1,000,000 pending", met})
+	}
+	for _, k := range []string{kindBolt, kindMemory} {
+		if b := r.burst[k]; b != nil {
+			out = append(out, check{"5. peak RSS in burst, " + k, fmtMB(b.rss) + " MB", "<= 150 MB", yes(b.rss <= 150)})
+		}
+	}
+	if len(out) == 0 {
+		return
+	}
+	fmt.Println()
+	fmt.Println("| issue 3 target | figure | goal | |")
+	fmt.Println("| --- | --- | --- | --- |")
+	for _, c := range out {
+		fmt.Printf("| %s | %s | %s | %s |\n", c.target, c.figure, c.goal, c.met)
+	}
+}
+
+func fmtRate(v float64) string {
+	if v < 0 {
+		return "–"
+	}
+	s := strconv.FormatInt(int64(v+0.5), 10)
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+func fmtRatio(v float64) string {
+	if v < 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2fx", v)
+}
+
+func fmtDur(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "–"
+	case d >= time.Second:
+		return fmt.Sprintf("%.2f s", d.Seconds())
+	case d >= 10*time.Millisecond:
+		return fmt.Sprintf("%.0f ms", float64(d)/1e6)
+	default:
+		return fmt.Sprintf("%.2f ms", float64(d)/1e6)
+	}
+}
+
+func fmtPct(v float64) string {
+	if v < 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+func fmtMB(v float64) string {
+	if v < 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.0f", v)
+}

@@ -1,0 +1,361 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Server variants.
+const (
+	kindRespond = "respond"
+	kindProxy   = "reverse_proxy"
+	kindBolt    = "relay-bolt"
+	kindMemory  = "relay-memory"
+)
+
+// buildCaddy builds cmd/caddy of the module that holds the working
+// directory into dir.
+func buildCaddy(ctx context.Context, dir string) (string, error) {
+	gomod := strings.TrimSpace(cmdOutput("go", "env", "GOMOD"))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("run from inside the caddy-webhook-relay module (go env GOMOD is empty)")
+	}
+	bin := filepath.Join(dir, "caddy")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/caddy")
+	cmd.Dir = filepath.Dir(gomod)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/caddy: %w", err)
+	}
+	return bin, nil
+}
+
+// freePort asks the kernel for a free port on 127.0.0.1.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// serverConf is one variant with its ports and storage.
+type serverConf struct {
+	kind        string
+	dir         string // holds the Caddyfile, the log, Caddy's data dir and the store
+	port, admin int
+	targetURL   string
+	concurrency int
+	launches    int
+}
+
+func (c *serverConf) addr() string      { return "127.0.0.1:" + strconv.Itoa(c.port) }
+func (c *serverConf) storeDir() string  { return filepath.Join(c.dir, "store") }
+func (c *serverConf) caddyfile() string { return filepath.Join(c.dir, "Caddyfile") }
+
+func (c *serverConf) render() string {
+	var site string
+	switch c.kind {
+	case kindRespond:
+		site = "\trespond 200\n"
+	case kindProxy:
+		u := strings.TrimPrefix(c.targetURL, "http://")
+		host, _, _ := strings.Cut(u, "/")
+		site = "\treverse_proxy " + host + "\n"
+	case kindBolt, kindMemory:
+		storage := c.storeDir()
+		if c.kind == kindMemory {
+			storage = "memory"
+		}
+		site = fmt.Sprintf(`	webhook_relay bench {
+		auth_header %s %s
+		storage %s
+		forward legacy %s {
+			concurrency %d
+			backoff 100ms 2s
+			max_attempts 1000
+			timeout 5s
+		}
+	}
+`, strings.ToLower(authHeader), authValue, storage, c.targetURL, c.concurrency)
+	}
+	return fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+	grace_period 5s
+}
+
+http://:%d {
+	bind 127.0.0.1
+%s}
+`, c.admin, c.port, site)
+}
+
+// server is one running Caddy process.
+type server struct {
+	conf    *serverConf
+	bin     string
+	pin     bool
+	cmd     *exec.Cmd
+	done    chan struct{}
+	err     error
+	log     *os.File
+	logPath string // one log per process, beside the Caddyfile
+	started time.Time
+}
+
+// newServerConf prepares a fresh directory and ports for a variant.
+func newServerConf(base, kind, targetURL string, concurrency int) (*serverConf, error) {
+	dir, err := os.MkdirTemp(base, kind+"-")
+	if err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	admin, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	c := &serverConf{kind: kind, dir: dir, port: port, admin: admin, targetURL: targetURL, concurrency: concurrency}
+	if err := os.MkdirAll(c.storeDir(), 0o700); err != nil {
+		return nil, err
+	}
+	return c, os.WriteFile(c.caddyfile(), []byte(c.render()), 0o600)
+}
+
+// launch starts Caddy on conf without waiting for it to serve.
+func launch(bin string, conf *serverConf, pin bool) (*server, error) {
+	conf.launches++
+	logPath := filepath.Join(conf.dir, fmt.Sprintf("caddy-%d.log", conf.launches))
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	args := []string{bin, "run", "--config", conf.caddyfile(), "--adapter", "caddyfile"}
+	if pin {
+		args = append([]string{"taskset", "-c", "0"}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Dir = conf.dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(),
+		"XDG_DATA_HOME="+filepath.Join(conf.dir, "data"),
+		"XDG_CONFIG_HOME="+filepath.Join(conf.dir, "config"),
+	)
+	// Own process group, so a Ctrl-C reaches only us and we stop Caddy in
+	// order; killed with us if we die without cleaning up.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	s := &server{conf: conf, bin: bin, pin: pin, cmd: cmd, done: make(chan struct{}), log: logf, logPath: logPath}
+	s.started = time.Now()
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("starting %s: %w", conf.kind, err)
+	}
+	go func() {
+		s.err = cmd.Wait()
+		close(s.done)
+	}()
+	return s, nil
+}
+
+// start launches Caddy and waits until it answers HTTP on its port.
+func start(ctx context.Context, bin string, conf *serverConf, pin bool) (*server, error) {
+	s, err := launch(bin, conf, pin)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if s.exited() {
+			return nil, fmt.Errorf("%s exited at start (%v); log:\n%s", conf.kind, s.err, s.logTail(20))
+		}
+		if answersHTTP(conf.addr()) {
+			return s, nil
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			s.stop()
+			return nil, fmt.Errorf("%s did not answer on %s within 30s; log:\n%s", conf.kind, conf.addr(), s.logTail(20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// answersHTTP reports whether anything answers a GET on addr (the relay
+// answers 405, which is as good as 200 here).
+func answersHTTP(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("GET /okhi HTTP/1.1\r\nHost: " + addr + "\r\nConnection: close\r\n\r\n")); err != nil {
+		return false
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return false
+	}
+	_ = resp.Body.Close()
+	return true
+}
+
+func (s *server) pid() int { return s.cmd.Process.Pid }
+
+func (s *server) exited() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// cpu is the server's on-CPU time so far.
+func (s *server) cpu() time.Duration {
+	d, _ := procCPU(s.pid())
+	return d
+}
+
+// peakRSS is the server's peak resident set so far, in MB.
+func (s *server) peakRSS() float64 {
+	return float64(procStatusKB(s.pid(), "VmHWM")) / 1024
+}
+
+// stop sends SIGTERM, kills after 15 s, and returns how long the exit took.
+func (s *server) stop() time.Duration {
+	if s == nil {
+		return 0
+	}
+	t0 := time.Now()
+	if !s.exited() {
+		_ = s.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-s.done:
+		case <-time.After(15 * time.Second):
+			_ = s.cmd.Process.Kill()
+			<-s.done
+		}
+	}
+	_ = s.log.Close()
+	return time.Since(t0)
+}
+
+// logTail returns the last n lines Caddy wrote.
+func (s *server) logTail(n int) string {
+	b, err := os.ReadFile(s.logPath)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// logProblems counts log lines at warn level or worse, by message.
+func (s *server) logProblems() map[string]int {
+	out := map[string]int{}
+	f, err := os.Open(s.logPath)
+	if err != nil {
+		return out
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var l struct {
+			Level string `json:"level"`
+			Msg   string `json:"msg"`
+		}
+		if json.Unmarshal(sc.Bytes(), &l) != nil {
+			continue
+		}
+		switch l.Level {
+		case "warn", "error", "panic", "fatal":
+			out[l.Level+": "+l.Msg]++
+		}
+	}
+	return out
+}
+
+// pending asks the admin API how many events the relay still owes.
+func (s *server) pending() (int64, error) {
+	c := &http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/webhook_relay/")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	var v struct {
+		Relays []struct {
+			PendingEvents int64 `json:"pending_events"`
+		} `json:"relays"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, r := range v.Relays {
+		n += r.PendingEvents
+	}
+	return n, nil
+}
+
+// profile saves Caddy's CPU profile over the next d, then its allocation
+// profile, from the admin endpoint into dir as <prefix>.cpu.pprof and
+// <prefix>.allocs.pprof; done is closed when both are written.
+func (s *server) profile(dir, prefix string, d time.Duration) (done chan struct{}) {
+	done = make(chan struct{})
+	base := "http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/debug/pprof/"
+	sec := max(1, int(d.Seconds()))
+	go func() {
+		defer close(done)
+		c := &http.Client{Timeout: time.Duration(sec)*time.Second + 15*time.Second}
+		for _, p := range []struct{ path, file string }{
+			{"profile?seconds=" + strconv.Itoa(sec), prefix + ".cpu.pprof"},
+			{"allocs", prefix + ".allocs.pprof"},
+		} {
+			if err := fetchTo(c, base+p.path, filepath.Join(dir, p.file)); err != nil {
+				progress("  profile %s: %v", p.file, err)
+			}
+		}
+	}()
+	return done
+}
+
+func fetchTo(c *http.Client, url, path string) error {
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
