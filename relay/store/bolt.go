@@ -28,6 +28,11 @@ var (
 	bucketDead    = []byte("dead")    // target -> ref -> delivery
 )
 
+// appendFill is the fill of pages in buckets whose keys start with a time:
+// their inserts append, so bbolt's default half-full split would leave
+// every page half empty.
+const appendFill = 0.95
+
 // maxBatch bounds how many writes share one transaction (and one fsync).
 const maxBatch = 1024
 
@@ -329,6 +334,7 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 		x := index{recv: ev.ReceivedAt.UnixNano()}
 		if !keyExpiry.IsZero() {
 			x.expiry = keyExpiry.UnixNano()
+			exps.FillPercent = appendFill
 			if err := exps.Put(expKey(x.expiry, id), nil); err != nil {
 				return err
 			}
@@ -340,7 +346,9 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 			return nil
 		}
 		ref := makeRef(ev.ReceivedAt, id)
-		if err := tx.Bucket(bucketEvents).Put(ref, encodeEvent(uint32(len(targets)), 0, ev)); err != nil {
+		events := tx.Bucket(bucketEvents)
+		events.FillPercent = appendFill
+		if err := events.Put(ref, encodeEvent(uint32(len(targets)), 0, ev)); err != nil {
 			return err
 		}
 		d := encodeDelivery(&Delivery{NextAt: now})
@@ -350,6 +358,7 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 			if err != nil {
 				return err
 			}
+			b.FillPercent = appendFill
 			if err := b.Put(ref, d); err != nil {
 				return err
 			}
