@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -112,6 +113,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			if h.Auth.Header != "" {
 				return d.Errf("auth_header is set twice; put every accepted value on one line")
+			}
+			if !httpguts.ValidHeaderFieldName(args[0]) {
+				return d.Errf("auth_header field %q is not a valid HTTP header name", args[0])
 			}
 			h.Auth.Header = args[0]
 			for i, v := range args[1:] {
@@ -257,6 +261,9 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 			if len(args) < 2 {
 				return t, d.Errf("match needs a JSON path and at least one value: match <json_path> <value> [<value>...]")
 			}
+			if strings.TrimSpace(args[0]) == "" {
+				return t, d.Errf("match needs a non-empty JSON path")
+			}
 			t.Match = append(t.Match, Match{Path: args[0], Values: args[1:]})
 		case "header":
 			args := d.RemainingArgs()
@@ -265,6 +272,12 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 			}
 			if strings.EqualFold(args[0], "Host") {
 				return t, d.Errf("header Host cannot be set on forwarded requests")
+			}
+			if !httpguts.ValidHeaderFieldName(args[0]) {
+				return t, d.Errf("header field %q is not a valid HTTP header name", args[0])
+			}
+			if !httpguts.ValidHeaderFieldValue(args[1]) {
+				return t, d.Errf("header %s: the value has characters an HTTP header cannot carry (newline, control characters)", args[0])
 			}
 			if t.Headers == nil {
 				t.Headers = http.Header{}

@@ -15,6 +15,7 @@ import (
 	"sync"
 
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -302,10 +303,16 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 				if strings.EqualFold(k, "Host") {
 					return cfg, fmt.Errorf("target %s: header Host cannot be set", t.Name)
 				}
+				if !httpguts.ValidHeaderFieldName(k) {
+					return cfg, fmt.Errorf("target %s: header field %q is not a valid HTTP header name", t.Name, k)
+				}
 				for _, v := range vs {
 					rv, err := resolve(v)
 					if err != nil {
 						return cfg, fmt.Errorf("target %s: header %s: %w", t.Name, k, err)
+					}
+					if !httpguts.ValidHeaderFieldValue(rv) {
+						return cfg, fmt.Errorf("target %s: header %s: the value (after placeholders) has characters an HTTP header cannot carry", t.Name, k)
 					}
 					tc.Headers.Add(k, rv)
 				}

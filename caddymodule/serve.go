@@ -120,6 +120,14 @@ func isJSONObject(body []byte) bool {
 
 func reply(w http.ResponseWriter, status int, msg string) {
 	h := w.Header()
+	if status != http.StatusBadRequest && status != http.StatusServiceUnavailable {
+		// 401, 405 and 413 answer before the body is read. Without this,
+		// net/http reads up to 256 KiB of it (or waits for it until the
+		// read timeout) to keep the connection: Caddy wraps the body, so
+		// the server cannot tell that nobody will read it. A client that
+		// sent Expect: 100-continue would wait for that timeout too.
+		h.Set("Connection", "close")
+	}
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)

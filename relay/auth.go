@@ -4,8 +4,11 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/textproto"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Authenticator checks the custom header that the sender is set to send.
@@ -20,6 +23,9 @@ type Authenticator struct {
 func NewAuthenticator(field string, values []string) (*Authenticator, error) {
 	if field == "" {
 		return nil, errors.New("auth header field is empty")
+	}
+	if !httpguts.ValidHeaderFieldName(field) {
+		return nil, fmt.Errorf("auth header field %q is not a valid HTTP header name", field)
 	}
 	if len(values) == 0 {
 		return nil, errors.New("auth header needs at least one value")

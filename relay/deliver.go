@@ -234,8 +234,12 @@ func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.
 		// least once: a delivered event may go out again); on shutdown
 		// the next start sends it.
 		if e.ctx.Err() == nil {
-			e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
-				zap.String("target", t.name), zap.Error(err))
+			// A full disk fails every settle: log once in a while, not
+			// once per delivery.
+			if n := e.settleErrors.Add(1); e.logEvery(&e.settleLogged, 10*time.Second) {
+				e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
+					zap.String("target", t.name), zap.Int64("failures_so_far", n), zap.Error(err))
+			}
 			d.NextAt = e.now().Add(tc.BackoffMax)
 			t.q.push(itemOf(d))
 		}

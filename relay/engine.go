@@ -58,6 +58,9 @@ type Engine struct {
 
 	pendingEvents atomic.Int64
 
+	settleErrors atomic.Int64
+	settleLogged atomic.Int64 // unix ns of the last such log line
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -523,6 +526,14 @@ func (e *Engine) DeleteDead(id store.ID, target string) (int, error) {
 		total += k
 	}
 	return total, nil
+}
+
+// logEvery reports whether at least every has passed since *last, and if
+// so moves *last to now: a rate limit for repeated error logs.
+func (e *Engine) logEvery(last *atomic.Int64, every time.Duration) bool {
+	now := time.Now().UnixNano()
+	prev := last.Load()
+	return now-prev >= int64(every) && last.CompareAndSwap(prev, now)
 }
 
 // janitor forgets expired dedupe keys.

@@ -3,6 +3,7 @@ package relay
 import (
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 
 	"github.com/tidwall/gjson"
 
@@ -39,24 +40,26 @@ func (c *Config) EventID(body []byte) store.ID {
 func keyID(paths []string, body []byte) store.ID {
 	h := sha256.New()
 	found := false
-	var buf [128]byte
+	var buf [256]byte
 	b := buf[:0]
+	// Every path and value is length-prefixed, so that no two different
+	// keys encode alike whatever bytes their values hold.
 	for _, p := range paths {
 		v := gjson.GetBytes(body, p)
+		b = binary.AppendUvarint(b, uint64(len(p)))
+		b = append(b, p...)
 		if !v.Exists() {
-			b = append(b, p...)
-			b = append(b, 0x1e)
+			b = append(b, 0)
 			continue
 		}
 		found = true
-		b = append(b, p...)
-		b = append(b, '=')
+		val := v.Raw
 		if v.Type == gjson.String {
-			b = append(b, v.Str...)
-		} else {
-			b = append(b, v.Raw...)
+			val = v.Str
 		}
-		b = append(b, 0x1f)
+		b = append(b, 1)
+		b = binary.AppendUvarint(b, uint64(len(val)))
+		b = append(b, val...)
 	}
 	var sum [sha256.Size]byte
 	if found {

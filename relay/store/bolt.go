@@ -76,7 +76,7 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		return nil, fmt.Errorf("opening store %s: file is locked by another process (another Caddy using the same storage?): %w", path, err)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("opening store %s: %w", path, err)
+		return nil, fmt.Errorf("opening store: %w", err) // err names the path
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead} {
