@@ -227,7 +227,7 @@ func TestFlakyTargetGetsEveryEvent(t *testing.T) {
 	if total != failures {
 		t.Errorf("%d requests answered 503, want %d", total, failures)
 	}
-	m1 := scrape(t, tester.Client)
+	m1 := waitIncrease(t, tester.Client, m0, "caddy_webhook_relay_deliveries_total", `relay="flaky",result="delivered",target="legacy"`, 4)
 	assertIncrease(t, m0, m1, "caddy_webhook_relay_deliveries_total", `relay="flaky",result="retried",target="legacy"`, failures)
 	assertIncrease(t, m0, m1, "caddy_webhook_relay_deliveries_total", `relay="flaky",result="delivered",target="legacy"`, 4)
 }

@@ -347,6 +347,20 @@ func (s samples) get(name, labels string) (float64, bool) {
 }
 
 // assertIncrease checks that counter name{labels} grew by want since before.
+// waitIncrease waits until the metric has grown by at least want since
+// before: a delivery is counted just after the target has answered it.
+func waitIncrease(t *testing.T, c *http.Client, before samples, name, labels string, want float64) samples {
+	t.Helper()
+	was, _ := before.get(name, labels)
+	var after samples
+	waitFor(t, 5*time.Second, fmt.Sprintf("%s{%s} to grow by %v", name, labels, want), func() bool {
+		after = scrape(t, c)
+		now, _ := after.get(name, labels)
+		return now-was >= want
+	})
+	return after
+}
+
 func assertIncrease(t *testing.T, before, after samples, name, labels string, want float64) {
 	t.Helper()
 	was, _ := before.get(name, labels)

@@ -245,9 +245,13 @@ func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.
 		}
 		return
 	}
-	t.counts.pending.Add(int64(ch.Pending))
-	t.counts.dead.Add(int64(ch.Dead))
-	e.pendingEvents.Add(int64(ch.PendingEvents))
+	// Counters first, gauges after: whoever sees nothing pending sees
+	// the deliveries counted.
+	defer func() {
+		t.counts.pending.Add(int64(ch.Pending))
+		t.counts.dead.Add(int64(ch.Dead))
+		e.pendingEvents.Add(int64(ch.PendingEvents))
+	}()
 	switch o {
 	case store.Delivered:
 		m := t.metrics.Load()
