@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
@@ -82,6 +83,8 @@ type Handler struct {
 	auth    *relay.Authenticator
 	poolKey string
 	logger  *zap.Logger
+
+	lastRefusalLog *atomic.Int64 // unix ns of the last 503 logged
 }
 
 // Auth is the custom header the sender is set to send.
@@ -169,6 +172,7 @@ const StorageMemory = "memory"
 // Start.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.lastRefusalLog = new(atomic.Int64)
 	cfg, err := h.relayConfig()
 	if err != nil {
 		return err

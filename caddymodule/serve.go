@@ -83,8 +83,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Retry-After", strconv.Itoa(int((cfg.RetryAfter+time.Second-1)/time.Second)))
 		reply(w, http.StatusServiceUnavailable, "relay unavailable, retry later\n")
 		e.Observe(relay.ResultUnavailable, time.Since(start))
-		if ce := h.logger.Check(zap.WarnLevel, "event not accepted"); ce != nil {
-			ce.Write(zap.String("relay", cfg.Name), zap.Error(err))
+		// A full store or disk refuses every request: log the first
+		// refusal, then at most one a second (received_total counts all).
+		if now := time.Now().UnixNano(); now-h.lastRefusalLog.Load() >= int64(time.Second) {
+			h.lastRefusalLog.Store(now)
+			if ce := h.logger.Check(zap.WarnLevel, "event not accepted"); ce != nil {
+				ce.Write(zap.String("relay", cfg.Name), zap.Error(err))
+			}
 		}
 		return nil
 	}

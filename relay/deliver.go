@@ -39,7 +39,8 @@ type target struct {
 	q      queue
 	counts *counts
 	client *retryablehttp.Client
-	quit   chan struct{} // closed when the target leaves the config
+	conns  *http.Transport // the client's, to close its connections
+	quit   chan struct{}   // closed when the target leaves the config
 
 	mu      sync.Mutex
 	running int // workers alive; while above concurrency, the next to look leaves
@@ -72,7 +73,7 @@ func (e *Engine) newTarget(tc TargetConfig) *target {
 	t.cfg.Store(&tc)
 	relayName := e.cfg.Name
 	t.metrics.Store(e.targetMetrics(relayName, tc.Name))
-	t.client = newClient(tc.Concurrency)
+	t.client, t.conns = newClient(tc.Concurrency)
 	return t
 }
 
@@ -81,7 +82,12 @@ func (e *Engine) newTarget(tc TargetConfig) *target {
 // engine), no redirects, no proxy from the environment, no compression
 // (the target gets exactly the contract's headers), its own connections
 // (so that one target's failures close no other target's).
-func newClient(concurrency int) *retryablehttp.Client {
+//
+// go-retryablehttp closes all idle connections after every failed
+// attempt; against a target answering 503 that means a new TCP connection
+// per attempt. The transport is wrapped so that the client cannot close
+// them: the engine does, when the target goes or the engine closes.
+func newClient(concurrency int) (*retryablehttp.Client, *http.Transport) {
 	tr := &http.Transport{
 		Proxy: nil,
 		DialContext: (&net.Dialer{
@@ -97,7 +103,7 @@ func newClient(concurrency int) *retryablehttp.Client {
 	}
 	return &retryablehttp.Client{
 		HTTPClient: &http.Client{
-			Transport: tr,
+			Transport: keepConns{tr},
 			CheckRedirect: func(*http.Request, []*http.Request) error {
 				return http.ErrUseLastResponse
 			},
@@ -109,8 +115,13 @@ func newClient(concurrency int) *retryablehttp.Client {
 		CheckRetry:   CheckRetry,
 		Backoff:      BackoffFunc,
 		ErrorHandler: retryablehttp.PassthroughErrorHandler,
-	}
+	}, tr
 }
+
+// keepConns is a RoundTripper without CloseIdleConnections.
+type keepConns struct{ rt http.RoundTripper }
+
+func (k keepConns) RoundTrip(r *http.Request) (*http.Response, error) { return k.rt.RoundTrip(r) }
 
 // startWorkers brings t's workers up to its concurrency; surplus workers
 // leave after their current attempt.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
@@ -378,10 +379,9 @@ func TestNoProxyFromEnvironment(t *testing.T) {
 	t.Setenv("NO_PROXY", "")
 	t.Setenv("no_proxy", "")
 
-	c := newClient(2)
-	tr, ok := c.HTTPClient.Transport.(*http.Transport)
-	if !ok {
-		t.Fatalf("transport is %T", c.HTTPClient.Transport)
+	c, tr := newClient(2)
+	if k, ok := c.HTTPClient.Transport.(keepConns); !ok || k.rt != tr {
+		t.Fatalf("client's transport is %T, not the target's transport", c.HTTPClient.Transport)
 	}
 	if tr.Proxy != nil {
 		t.Error("transport reads a proxy")
@@ -489,5 +489,35 @@ func TestMatchRouting(t *testing.T) {
 	}
 	if all.count() != 5 {
 		t.Errorf("unfiltered target got %d, want 5", all.count())
+	}
+}
+
+// TestFailedAttemptsKeepConnections: go-retryablehttp closes idle
+// connections after every failed attempt; the engine keeps them, so a
+// target answering 503 is not also handed a new TCP connection per retry.
+func TestFailedAttemptsKeepConnections(t *testing.T) {
+	var conns, requests atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if requests.Add(1) <= 4 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	tc := fastTarget("t", srv.URL)
+	tc.Concurrency = 1
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: memStore()})
+	mustAccept(t, e, v3Body("keep-conns"))
+	waitFor(t, "the delivery after four 503s", 5*time.Second, func() bool { return e.PendingEvents() == 0 })
+	if got := requests.Load(); got != 5 {
+		t.Fatalf("%d requests, want 5 (four 503s, then 200)", got)
+	}
+	if got := conns.Load(); got != 1 {
+		t.Errorf("%d connections for 5 attempts, want 1", got)
 	}
 }

@@ -245,7 +245,7 @@ func (e *Engine) Close() error {
 	e.wg.Wait()
 	for _, t := range targets {
 		t.q.stop()
-		t.client.HTTPClient.CloseIdleConnections()
+		t.conns.CloseIdleConnections()
 	}
 	e.m.remove(e)
 	err := e.st.Close()
@@ -303,7 +303,7 @@ func (e *Engine) Update(cfg Config) error {
 		close(t.quit)
 		t.q.stop()
 		// Close skips removed targets: free their idle connections now.
-		t.client.HTTPClient.CloseIdleConnections()
+		t.conns.CloseIdleConnections()
 		moved, settled, err := e.st.KillTarget(tc.Name, ReasonTargetRemoved, e.now())
 		if err != nil {
 			e.log.Error("dead-lettering deliveries of removed target", zap.String("target", tc.Name), zap.Error(err))
