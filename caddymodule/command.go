@@ -1,0 +1,212 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "webhook-relay",
+		Usage: "simulate|dead-letters ...",
+		Short: "Simulates OkHi's webhooks and manages the relay's dead letters",
+		Long: `
+simulate sends OkHi-shaped events to a relay the way OkHi does (15 s
+timeout, retries with exponential backoff, so duplicates happen) and
+prints what came back.
+
+dead-letters list|replay|delete calls the relay's routes on Caddy's admin
+endpoint (--address, default localhost:2019).
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			cmd.AddCommand(simulateCommand(), deadLettersCommand())
+		},
+	})
+}
+
+func simulateCommand() *cobra.Command {
+	var o simOptions
+	var headers []string
+	c := &cobra.Command{
+		Use:   "simulate --url URL --header NAME:VALUE [--events N] [--rate R] [--duplicates F] [--version v2|v3]",
+		Short: "Send OkHi-shaped events the way OkHi does, and print a summary",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.Headers = http.Header{}
+			for _, h := range headers {
+				name, value, ok := strings.Cut(h, ":")
+				if !ok || strings.TrimSpace(name) == "" {
+					return fmt.Errorf("--header %q: want NAME:VALUE", h)
+				}
+				o.Headers.Add(strings.TrimSpace(name), strings.TrimSpace(value))
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			defer stop()
+			s, err := simulate(ctx, o)
+			if s != nil {
+				s.report(cmd.OutOrStdout())
+			}
+			if err != nil {
+				return err
+			}
+			if s.GaveUp > 0 {
+				return fmt.Errorf("%d events never got a 2xx", s.GaveUp)
+			}
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&o.URL, "url", "", "the relay's URL")
+	f.StringArrayVar(&headers, "header", nil, "a header to send, NAME:VALUE (repeatable): the auth header")
+	f.IntVar(&o.Events, "events", 100, "distinct events to send")
+	f.Float64Var(&o.Rate, "rate", 10, "sends per second")
+	f.Float64Var(&o.Duplicates, "duplicates", 0.1, "share of sends that re-send an earlier event's exact bytes")
+	f.StringVar(&o.Version, "version", "v2", "payload version: v2 or v3")
+	f.DurationVar(&o.Timeout, "timeout", 15*time.Second, "how long to wait for an answer, as OkHi does")
+	f.IntVar(&o.Attempts, "attempts", 5, "attempts per send before giving up")
+	f.DurationVar(&o.RetryAfter, "retry-wait", time.Second, "first retry delay, doubled after each failure")
+	return c
+}
+
+func deadLettersCommand() *cobra.Command {
+	var address, relayName, target string
+	c := &cobra.Command{
+		Use:   "dead-letters list|replay|delete",
+		Short: "List, replay or delete the relay's dead letters through the admin API",
+	}
+	pf := c.PersistentFlags()
+	pf.StringVar(&address, "address", "", "admin API address (default: localhost:2019)")
+	pf.StringVar(&relayName, "relay", "default", "the relay's name")
+	pf.StringVar(&target, "target", "", "only this target")
+
+	var limit int
+	var all bool
+	list := &cobra.Command{
+		Use:   "list [--limit N] [--all]",
+		Short: "List dead letters (one JSON object a line)",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cursor := ""
+			for {
+				q := url.Values{"limit": {fmt.Sprint(limit)}}
+				if target != "" {
+					q.Set("target", target)
+				}
+				if cursor != "" {
+					q.Set("cursor", cursor)
+				}
+				var page struct {
+					DeadLetters []json.RawMessage `json:"dead_letters"`
+					NextCursor  string            `json:"next_cursor"`
+				}
+				if err := adminCall(address, http.MethodGet, deadLettersPath(relayName)+"?"+q.Encode(), nil, &page); err != nil {
+					return err
+				}
+				for _, dl := range page.DeadLetters {
+					fmt.Fprintln(cmd.OutOrStdout(), string(dl))
+				}
+				if !all || page.NextCursor == "" {
+					if page.NextCursor != "" {
+						fmt.Fprintf(cmd.ErrOrStderr(), "more: --all, or the API's cursor %s\n", page.NextCursor)
+					}
+					return nil
+				}
+				cursor = page.NextCursor
+			}
+		},
+	}
+	list.Flags().IntVar(&limit, "limit", 100, "dead letters per page")
+	list.Flags().BoolVar(&all, "all", false, "every page")
+
+	var ids []string
+	replay := &cobra.Command{
+		Use:   "replay [--event-id ID ...] [--target T]",
+		Short: "Move dead letters back to pending with a fresh attempt budget (all of them without --event-id)",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			body := map[string]any{}
+			if len(ids) > 0 {
+				body["event_ids"] = ids
+			}
+			if target != "" {
+				body["target"] = target
+			}
+			var out struct {
+				Replayed int `json:"replayed"`
+			}
+			if err := adminCall(address, http.MethodPost, deadLettersPath(relayName)+"/replay", body, &out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "replayed %d\n", out.Replayed)
+			return nil
+		},
+	}
+	replay.Flags().StringArrayVar(&ids, "event-id", nil, "an event id (repeatable)")
+
+	var deleteID string
+	del := &cobra.Command{
+		Use:   "delete --event-id ID [--target T]",
+		Short: "Delete an event's dead letters (at every target without --target)",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if deleteID == "" {
+				return fmt.Errorf("--event-id is required")
+			}
+			uri := deadLettersPath(relayName) + "/" + url.PathEscape(deleteID)
+			if target != "" {
+				uri += "?target=" + url.QueryEscape(target)
+			}
+			var out struct {
+				Deleted int `json:"deleted"`
+			}
+			if err := adminCall(address, http.MethodDelete, uri, nil, &out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "deleted %d\n", out.Deleted)
+			return nil
+		},
+	}
+	del.Flags().StringVar(&deleteID, "event-id", "", "the event id")
+
+	c.AddCommand(list, replay, del)
+	return c
+}
+
+func deadLettersPath(name string) string {
+	return "/webhook_relay/" + url.PathEscape(name) + "/dead_letters"
+}
+
+// adminCall makes one admin API request and decodes its JSON answer.
+func adminCall(address, method, uri string, in, out any) error {
+	if address == "" {
+		address = caddy.DefaultAdminListen
+	}
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	resp, err := caddycmd.AdminAPIRequest(address, method, uri, nil, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("%s %s: %s: %s", method, uri, resp.Status, bytes.TrimSpace(b))
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
