@@ -153,20 +153,27 @@ func (t *target) surplus() bool {
 func (e *Engine) work(t *target) {
 	defer e.wg.Done()
 	for {
+		// Stop before taking another item: pop hands out due items
+		// whatever the context, and with a large backlog every one of
+		// them is due at once (a closing engine or a removed target
+		// would otherwise go through its whole queue).
+		select {
+		case <-e.ctx.Done():
+			return
+		case <-t.quit:
+			t.mu.Lock()
+			t.running--
+			t.mu.Unlock()
+			return
+		default:
+		}
 		if t.surplus() {
 			t.q.wakeOne() // the wake-up this worker took may have been for an item
 			return
 		}
 		it, ok := t.q.pop(e.ctx, t.quit, e.now)
 		if !ok {
-			select {
-			case <-e.ctx.Done():
-				return
-			case <-t.quit:
-				return
-			default:
-				continue // woken to look at the settings again
-			}
+			continue // ctx done, quit, or woken to look at the settings again
 		}
 		e.attempt(t, it)
 	}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -790,5 +791,53 @@ func TestCloseAbandonsAttemptUnderWay(t *testing.T) {
 	reqs := up.requests()
 	if len(reqs) != 1 || reqs[0].Header.Get(HeaderIdempotencyKey) != id.String() || reqs[0].Header.Get(HeaderAttempt) != "1" {
 		t.Errorf("after restart: %d requests, first %v; want event %s as attempt 1 again", len(reqs), reqs, id)
+	}
+}
+
+// TestRemovedTargetStopsAtOnce: a target removed by a reload gets no
+// further attempts, however many of its deliveries were due; nor does a
+// closing engine go through its backlog.
+func TestRemovedTargetStopsAtOnce(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	target := newTestTarget(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		if n == 0 {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	tc := fastTarget("gone", target.URL)
+	tc.Concurrency = 1
+	keep := fastTarget("kept", target.URL)
+	keep.Match = []Match{{Path: "nothing", Values: []string{"matches"}}}
+	e := openEngine(t, Config{Targets: []TargetConfig{tc, keep}}, Options{OpenStore: memStore()})
+	for i := range 200 {
+		mustAccept(t, e, v3Body(fmt.Sprintf("due-%d", i)))
+	}
+	waitFor(t, "the first attempt to be held", 5*time.Second, func() bool { return target.count() == 1 })
+	e.mu.RLock()
+	gone := e.targets["gone"]
+	e.mu.RUnlock()
+	if err := e.Update(Config{Targets: []TargetConfig{keep}}); err != nil {
+		t.Fatal(err)
+	}
+	once.Do(func() { close(release) })
+	waitFor(t, "the removed target's worker to leave", 5*time.Second, func() bool {
+		gone.mu.Lock()
+		defer gone.mu.Unlock()
+		return gone.running == 0
+	})
+	if got := target.count(); got != 1 {
+		t.Errorf("the removed target got %d requests, want only the one under way at the removal", got)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := target.count(); got != 1 {
+		t.Errorf("the removed target got %d requests, want only the one under way at the removal", got)
 	}
 }
