@@ -407,14 +407,7 @@ func TestNoProxyFromEnvironment(t *testing.T) {
 
 // TestHangingTargetDoesNotBlockReceive: the ack never waits for a target.
 func TestHangingTargetDoesNotBlockReceive(t *testing.T) {
-	release := make(chan struct{})
-	target := newTestTarget(t, func(w http.ResponseWriter, r *http.Request, _ int) {
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
-	t.Cleanup(func() { close(release) }) // before the server closes
+	target, _ := newHangingTarget(t)
 	tc := fastTarget("hang", target.URL)
 	tc.Timeout = time.Hour
 	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: boltStore(tempBolt(t))})
@@ -434,13 +427,7 @@ func TestHangingTargetDoesNotBlockReceive(t *testing.T) {
 }
 
 func TestConcurrencyLimit(t *testing.T) {
-	release := make(chan struct{})
-	target := newTestTarget(t, func(w http.ResponseWriter, r *http.Request, _ int) {
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
+	target, release := newHangingTarget(t)
 	tc := fastTarget("slow", target.URL)
 	tc.Concurrency = 3
 	other := newTestTarget(t, nil)
@@ -454,7 +441,7 @@ func TestConcurrencyLimit(t *testing.T) {
 	if got := targetStats(e, "slow").Pending; got != 12 {
 		t.Errorf("slow target: %d pending, want 12", got)
 	}
-	close(release)
+	release()
 	waitFor(t, "every delivery", 5*time.Second, func() bool { return e.PendingEvents() == 0 })
 	if got := target.maxIn.Load(); got != 3 {
 		t.Errorf("at most %d requests in flight at the slow target, want its concurrency 3", got)

@@ -54,7 +54,7 @@ type Engine struct {
 	targets map[string]*target
 	counts  map[string]*counts // every target with state, removed ones too
 	dd      *dedupe
-	ctrs    *engineCounters
+	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
 
 	pendingEvents atomic.Int64
 
@@ -106,8 +106,8 @@ func New(cfg Config, opts Options) (*Engine, error) {
 	if e.m == nil {
 		e.m = NewMetrics()
 	}
-	e.ctrs = e.newCounters(c.Name)
-	e.dd = newDedupe(c.Dedupe.Capacity, func() { e.ctrs.evictions.Inc() })
+	e.ctrs.Store(e.newCounters(c.Name))
+	e.dd = newDedupe(c.Dedupe.Capacity, func() { e.ctrs.Load().evictions.Inc() })
 	return e, nil
 }
 
@@ -266,8 +266,8 @@ func (e *Engine) Update(cfg Config) error {
 	defer e.mu.Unlock()
 	old := e.cfg
 	e.cfg = &c
-	if c.Name != e.ctrs.name {
-		e.ctrs = e.newCounters(c.Name)
+	if c.Name != e.ctrs.Load().name {
+		e.ctrs.Store(e.newCounters(c.Name))
 		for _, t := range e.targets {
 			t.metrics.Store(e.targetMetrics(c.Name, t.name))
 		}
@@ -398,9 +398,7 @@ func (e *Engine) Receive(body []byte, contentType string) (Result, error) {
 // Observe counts one answered request by result and, for 200 and 503
 // answers, the time from the request's start to the answer.
 func (e *Engine) Observe(result string, d time.Duration) {
-	e.mu.RLock()
-	c := e.ctrs
-	e.mu.RUnlock()
+	c := e.ctrs.Load()
 	if r := c.received[result]; r != nil {
 		r.Inc()
 	}

@@ -505,6 +505,7 @@ func TestUpdateAddAndRemoveTargets(t *testing.T) {
 }
 
 func TestUpdateConcurrency(t *testing.T) {
+	// Re-armed for each batch, so not newHangingTarget.
 	release := make(chan struct{})
 	target := newTestTarget(t, func(w http.ResponseWriter, r *http.Request, _ int) {
 		select {

@@ -9,5 +9,3 @@ var (
 	// ErrFull: max_pending events are already owed to targets.
 	ErrFull = errors.New("relay full: max_pending reached")
 )
-
-func errorsAs(err error, target any) bool { return errors.As(err, target) }

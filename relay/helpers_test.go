@@ -90,6 +90,23 @@ func newTestTarget(t *testing.T, handle func(w http.ResponseWriter, r *http.Requ
 	return tt
 }
 
+// newHangingTarget holds every request until release is called; the
+// test's cleanup calls it too, before the server closes.
+func newHangingTarget(t *testing.T) (target *testTarget, release func()) {
+	t.Helper()
+	ch := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(ch) }) }
+	target = newTestTarget(t, func(_ http.ResponseWriter, r *http.Request, _ int) {
+		select {
+		case <-ch:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(release)
+	return target, release
+}
+
 func (tt *testTarget) serve(w http.ResponseWriter, r *http.Request) {
 	in := tt.inflight.Add(1)
 	defer tt.inflight.Add(-1)

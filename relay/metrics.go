@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"errors"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -93,7 +94,7 @@ func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range m.Collectors() {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
-			if !errorsAs(err, &are) {
+			if !errors.As(err, &are) {
 				return err
 			}
 		}

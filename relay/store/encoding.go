@@ -2,6 +2,7 @@ package store
 
 import (
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"time"
 )
@@ -104,11 +105,11 @@ func decodeDelivery(target string, k, v []byte) (*Delivery, error) {
 
 // cursor encoding for DeadLetters: target, NUL, ref.
 func encodeCursor(target string, ref []byte) string {
-	return hexEncode(append(append([]byte(target), 0), ref...))
+	return hex.EncodeToString(append(append([]byte(target), 0), ref...))
 }
 
 func decodeCursor(c string) (target string, ref []byte, err error) {
-	b, err := hexDecode(c)
+	b, err := hex.DecodeString(c)
 	if err != nil {
 		return "", nil, errors.New("invalid cursor")
 	}

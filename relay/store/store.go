@@ -149,7 +149,3 @@ type Store interface {
 	// Close releases the store. It is safe to call more than once.
 	Close() error
 }
-
-func hexEncode(b []byte) string { return hex.EncodeToString(b) }
-
-func hexDecode(s string) ([]byte, error) { return hex.DecodeString(s) }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -419,7 +420,7 @@ func TestDeadLettersPaging(t *testing.T) {
 			}
 		})
 		t.Run("bad cursor", func(t *testing.T) {
-			for _, c := range []string{"zz", "00", hexEncode([]byte("a\x00short"))} {
+			for _, c := range []string{"zz", "00", hex.EncodeToString([]byte("a\x00short"))} {
 				if _, _, err := s.DeadLetters("", c, 3); err == nil {
 					t.Errorf("cursor %q accepted", c)
 				}
