@@ -115,7 +115,14 @@ func (s *Bolt) Close() error {
 	close(s.quit)
 	s.mu.Unlock()
 	<-s.done
-	return s.db.Close()
+	// Write the freelist once, on the way out, so the next open reads it
+	// instead of rebuilding it by reading every page of the file (23 s
+	// for 1,000,000 pending events with a cold page cache). The first
+	// commit after that open drops it again. After a crash the next open
+	// rebuilds it.
+	s.db.NoFreelistSync = false
+	err := s.db.Update(func(*bolt.Tx) error { return nil })
+	return errors.Join(err, s.db.Close())
 }
 
 // submit runs fn in the next group commit and returns once it is durable.
@@ -784,23 +791,17 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 	}
 }
 
-// Stats implements Store.
+// Stats implements Store. It reads the pending and dead buckets and the
+// key expiry index, never the events themselves: an engine calls it on
+// open, and reading every body of a large backlog would delay serving.
 func (s *Bolt) Stats(now time.Time) (Stats, error) {
 	st := Stats{Pending: map[string]int{}, Dead: map[string]int{}}
 	err := s.view(func(tx *bolt.Tx) error {
-		err := tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
-			owed, _, err := decodeCounts(v)
-			if err != nil {
-				return err
-			}
-			if owed > 0 {
-				st.PendingEvents++
-			}
-			return nil
-		})
+		n, err := countPendingEvents(tx.Bucket(bucketPending))
 		if err != nil {
 			return err
 		}
+		st.PendingEvents = n
 		for _, top := range []struct {
 			name []byte
 			into map[string]int
@@ -820,6 +821,52 @@ func (s *Bolt) Stats(now time.Time) (Stats, error) {
 		return nil
 	})
 	return st, err
+}
+
+// countPendingEvents counts the distinct refs over every target's pending
+// bucket: an event is pending while any target owes it. Each bucket is
+// sorted by ref, so one merge pass over their cursors counts them.
+func countPendingEvents(pending *bolt.Bucket) (int, error) {
+	var curs []*bolt.Cursor
+	var heads [][]byte
+	err := pending.ForEachBucket(func(name []byte) error {
+		c := pending.Bucket(name).Cursor()
+		if k, _ := c.First(); k != nil {
+			curs = append(curs, c)
+			heads = append(heads, k)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	var buf []byte
+	for len(curs) > 0 {
+		low := heads[0]
+		for _, k := range heads[1:] {
+			if bytes.Compare(k, low) < 0 {
+				low = k
+			}
+		}
+		low = append(buf[:0], low...) // cursor keys change as they move
+		buf = low
+		n++
+		for i := 0; i < len(curs); {
+			if !bytes.Equal(heads[i], low) {
+				i++
+				continue
+			}
+			if k, _ := curs[i].Next(); k != nil {
+				heads[i] = k
+				i++
+				continue
+			}
+			curs = append(curs[:i], curs[i+1:]...)
+			heads = append(heads[:i], heads[i+1:]...)
+		}
+	}
+	return n, nil
 }
 
 // sortedKeys is shared by both stores for stable listings.
