@@ -72,7 +72,7 @@ func TestGracefulStop(t *testing.T) {
 		t.Fatalf("opening the store after the stop: %v", err)
 	}
 	pending := map[string]bool{}
-	err = st.Pending(func(d *store.Delivery) error {
+	err = store.ForEachPending(st, func(d *store.Delivery) error {
 		if d.Target == "slow" {
 			pending[d.ID.String()] = true
 		}

@@ -422,12 +422,18 @@ func (h *itemHeap) Pop() any {
 	return it
 }
 
-// add appends without ordering; init orders. For bulk loading.
-func (q *queue) add(it item) { q.h = append(q.h, it) }
-
-func (q *queue) init() {
+// pushAll queues a batch of items, for loading a backlog.
+func (q *queue) pushAll(items []item) {
 	q.mu.Lock()
-	heap.Init(&q.h)
+	if len(items) >= len(q.h) {
+		q.h = append(q.h, items...)
+		heap.Init(&q.h)
+	} else {
+		for _, it := range items {
+			heap.Push(&q.h, it)
+		}
+	}
+	q.wakeOneLocked()
 	q.mu.Unlock()
 }
 

@@ -323,7 +323,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 				return testutil.ToFloat64(m.Deliveries.WithLabelValues(DefaultName, "t", "retried")) == 1
 			})
 			var next time.Time
-			if err := st.Pending(func(d *store.Delivery) error { next = d.NextAt; return nil }); err != nil {
+			if err := store.ForEachPending(st, func(d *store.Delivery) error { next = d.NextAt; return nil }); err != nil {
 				t.Fatal(err)
 			}
 			if wait := next.Sub(clock.Now()); wait < tt.wantMin || wait > tt.wantMax {

@@ -57,6 +57,7 @@ type Engine struct {
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
 
 	pendingEvents atomic.Int64
+	loaded        chan struct{} // closed once Open's backlog is queued
 
 	settleErrors atomic.Int64
 	settleLogged atomic.Int64 // unix ns of the last such log line
@@ -96,6 +97,7 @@ func New(cfg Config, opts Options) (*Engine, error) {
 		cfg:     &c,
 		targets: map[string]*target{},
 		counts:  map[string]*counts{},
+		loaded:  make(chan struct{}),
 	}
 	if e.now == nil {
 		e.now = time.Now
@@ -138,9 +140,11 @@ func (e *Engine) Config() Config {
 	return *e.cfg
 }
 
-// Open opens the store, queues every pending delivery and starts the
-// workers. Deliveries pending at a target the config no longer has become
-// dead letters. Calling Open on an open engine does nothing.
+// Open opens the store and starts the workers; from then on the engine
+// takes events. The deliveries pending in the store are queued in the
+// background (see load), so that a restart with a large backlog serves at
+// once. Deliveries pending at a target the config no longer has become
+// dead letters first. Calling Open on an open engine does nothing.
 func (e *Engine) Open() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -154,70 +158,133 @@ func (e *Engine) Open() error {
 	if err != nil {
 		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
 	}
-	now := e.now()
-	stats, err := st.Stats(now)
+	bl, err := e.killRemoved(st)
 	if err != nil {
 		st.Close()
-		return fmt.Errorf("reading store of relay %s: %w", e.cfg.Name, err)
-	}
-	configured := map[string]bool{}
-	for _, t := range e.cfg.Targets {
-		configured[t.Name] = true
-	}
-	for name, n := range stats.Pending {
-		if configured[name] {
-			continue
-		}
-		if _, _, err := st.KillTarget(name, ReasonTargetRemoved, now); err != nil {
-			st.Close()
-			return fmt.Errorf("dead-lettering deliveries of removed target %s: %w", name, err)
-		}
-		e.log.Warn("target removed from config: its pending deliveries are now dead letters",
-			zap.String("target", name), zap.Int("count", n))
-	}
-	if len(stats.Pending) > 0 {
-		if stats, err = st.Stats(now); err != nil {
-			st.Close()
-			return fmt.Errorf("reading store of relay %s: %w", e.cfg.Name, err)
-		}
+		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
 	}
 	e.st = st
-	e.pendingEvents.Store(int64(stats.PendingEvents))
-	for name, n := range stats.Dead {
-		e.countsOf(name).dead.Store(int64(n))
-	}
+	pending := bl.PendingEvents()
+	e.pendingEvents.Store(int64(pending))
 	e.ctx, e.cancel = context.WithCancel(context.Background())
+	loading := map[string]*target{}
 	for i := range e.cfg.Targets {
 		tc := e.cfg.Targets[i]
-		e.targets[tc.Name] = e.newTarget(tc)
-	}
-	err = st.Pending(func(d *store.Delivery) error {
-		t := e.targets[d.Target]
-		if t == nil {
-			return nil
-		}
-		t.q.add(itemOf(d))
-		t.counts.pending.Add(1)
-		return nil
-	})
-	if err != nil {
-		e.cancel()
-		st.Close()
-		return fmt.Errorf("loading pending deliveries of relay %s: %w", e.cfg.Name, err)
-	}
-	for _, t := range e.targets {
-		t.q.init()
+		t := e.newTarget(tc)
+		e.targets[tc.Name] = t
+		loading[tc.Name] = t
 		e.startWorkers(t)
 	}
-	e.wg.Add(1)
+	e.wg.Add(2)
+	go e.load(bl, loading)
 	go e.janitor()
 	e.state = stateOpen
 	e.m.add(e)
 	e.log.Info("relay open",
 		zap.String("relay", e.cfg.Name),
-		zap.Int("pending_events", stats.PendingEvents),
-		zap.Int("dedupe_keys", stats.Keys))
+		zap.Int("pending_events", pending))
 	return nil
+}
+
+// killRemoved dead-letters the deliveries pending at targets the config no
+// longer has, and returns the store's backlog taken after that.
+func (e *Engine) killRemoved(st store.Store) (store.Backlog, error) {
+	bl, err := st.Backlog()
+	if err != nil {
+		return nil, fmt.Errorf("reading store: %w", err)
+	}
+	configured := map[string]bool{}
+	for _, t := range e.cfg.Targets {
+		configured[t.Name] = true
+	}
+	var removed []string
+	for _, name := range bl.Targets() {
+		if !configured[name] {
+			removed = append(removed, name)
+		}
+	}
+	if len(removed) == 0 {
+		return bl, nil
+	}
+	bl.Close()
+	for _, name := range removed {
+		moved, _, err := st.KillTarget(name, ReasonTargetRemoved, e.now())
+		if err != nil {
+			return nil, fmt.Errorf("dead-lettering deliveries of removed target %s: %w", name, err)
+		}
+		e.log.Warn("target removed from config: its pending deliveries are now dead letters",
+			zap.String("target", name), zap.Int("count", moved))
+	}
+	bl, err = st.Backlog()
+	if err != nil {
+		return nil, fmt.Errorf("reading store: %w", err)
+	}
+	return bl, nil
+}
+
+// loadBatch is how many deliveries load queues at a time.
+const loadBatch = 4096
+
+// load queues the backlog taken when the engine opened, while the engine
+// already takes and delivers new events. The backlog holds exactly what was
+// stored before Open returned, so no delivery is queued twice; it adds its
+// counts to the gauges, which every write since has moved by its own
+// change. It never waits for the engine's lock while it holds the backlog:
+// bbolt cannot grow its file while a snapshot is open, and an Update holding
+// the lock may be waiting for a write.
+func (e *Engine) load(bl store.Backlog, targets map[string]*target) {
+	defer e.wg.Done()
+	defer close(e.loaded)
+	start := time.Now()
+	n := 0
+	batch := map[*target][]item{}
+	flush := func() {
+		for t, items := range batch {
+			t.counts.pending.Add(int64(len(items)))
+			select {
+			case <-t.quit: // removed meanwhile: its deliveries are dead letters now
+			default:
+				t.q.pushAll(items)
+			}
+			batch[t] = items[:0]
+		}
+	}
+	dead, err := bl.Dead()
+	if err == nil {
+		err = bl.Pending(func(d *store.Delivery) error {
+			if err := e.ctx.Err(); err != nil {
+				return err
+			}
+			t := targets[d.Target]
+			if t == nil { // cannot be: removed targets were settled before
+				return nil
+			}
+			batch[t] = append(batch[t], itemOf(d))
+			if n++; n%loadBatch == 0 {
+				flush()
+			}
+			return nil
+		})
+	}
+	flush()
+	bl.Close()
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	if err != nil {
+		e.log.Error("loading pending deliveries: some stay undelivered until the next start",
+			zap.String("relay", e.Name()), zap.Error(err))
+		return
+	}
+	e.mu.Lock()
+	for name, k := range dead {
+		e.countsOf(name).dead.Add(int64(k))
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		e.log.Info("pending deliveries queued",
+			zap.String("relay", e.Name()), zap.Int("count", n), zap.Duration("took", time.Since(start)))
+	}
 }
 
 func (e *Engine) countsOf(name string) *counts {
@@ -287,7 +354,6 @@ func (e *Engine) Update(cfg Config) error {
 			continue
 		}
 		t := e.newTarget(tc)
-		t.q.init()
 		e.targets[tc.Name] = t
 		e.startWorkers(t)
 	}
@@ -445,6 +511,10 @@ func (e *Engine) Stats() []TargetStats {
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
+
+// Loaded is closed once the deliveries pending when the engine opened are
+// queued and counted in Stats (or the engine closed first).
+func (e *Engine) Loaded() <-chan struct{} { return e.loaded }
 
 // IsOpen reports whether the engine is open (and not yet closed).
 func (e *Engine) IsOpen() bool {

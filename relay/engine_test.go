@@ -288,7 +288,7 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	attempts := map[store.ID]int{}
-	err = st.Pending(func(d *store.Delivery) error {
+	err = store.ForEachPending(st, func(d *store.Delivery) error {
 		attempts[d.ID] = d.Attempts
 		if d.LastStatus != http.StatusBadGateway {
 			t.Errorf("pending %s: last status %d, want 502", d.ID, d.LastStatus)

@@ -153,7 +153,8 @@ func tempBolt(t testing.TB) string {
 	return filepath.Join(t.TempDir(), "relay.db")
 }
 
-// openEngine makes and opens an engine that the test closes at its end.
+// openEngine makes and opens an engine that the test closes at its end,
+// and waits until the store's backlog is loaded.
 func openEngine(t testing.TB, cfg Config, opts Options) *Engine {
 	t.Helper()
 	e, err := New(cfg, opts)
@@ -163,6 +164,7 @@ func openEngine(t testing.TB, cfg Config, opts Options) *Engine {
 	if err := e.Open(); err != nil {
 		t.Fatalf("Open: %v", err)
 	}
+	<-e.Loaded()
 	t.Cleanup(func() {
 		if err := e.Close(); err != nil {
 			t.Errorf("Close: %v", err)

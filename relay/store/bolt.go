@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -26,12 +27,20 @@ var (
 	bucketKeyExp  = []byte("keyexp")  // expiry + id -> nil, to expire keys in order
 	bucketPending = []byte("pending") // target -> ref -> delivery
 	bucketDead    = []byte("dead")    // target -> ref -> delivery
+	bucketMeta    = []byte("meta")    // keyPendingEvents -> count
+
+	// keyPendingEvents counts the events still owed to a target, kept in
+	// step by every write so that opening a store does not count them.
+	keyPendingEvents = []byte("pending_events")
 )
 
 // appendFill is the fill of pages in buckets whose keys start with a time:
 // their inserts append, so bbolt's default half-full split would leave
 // every page half empty.
 const appendFill = 0.95
+
+// initialMmap is 1 GiB on 64-bit systems, 0 (bbolt's growth) on others.
+const initialMmap = (1 << 30) * (strconv.IntSize / 64)
 
 // maxBatch bounds how many writes share one transaction (and one fsync).
 const maxBatch = 1024
@@ -71,6 +80,11 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		// The freelist is rebuilt by a scan at open instead of being
 		// written at every commit: under churn it grows to many pages.
 		NoFreelistSync: true,
+		// Growing the file past its mapping remaps it, which waits for
+		// every read transaction: one loading a backlog would hold up
+		// every write. Address space is cheap on 64-bit systems, so map
+		// the first GiB up front.
+		InitialMmapSize: initialMmap,
 	})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("opening store %s: file is locked by another process (another Caddy using the same storage?): %w", path, err)
@@ -79,12 +93,20 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		return nil, fmt.Errorf("opening store: %w", err) // err names the path
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead} {
+		for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		return nil
+		if tx.Bucket(bucketMeta).Get(keyPendingEvents) != nil {
+			return nil
+		}
+		// A file without the counter (new, or written before it existed).
+		n, err := countPendingEvents(tx.Bucket(bucketPending))
+		if err != nil {
+			return err
+		}
+		return addPendingEvents(tx, n)
 	})
 	if err != nil {
 		db.Close()
@@ -217,6 +239,21 @@ func (s *Bolt) commit(batch []*op) {
 	for _, o := range batch {
 		o.done <- err
 	}
+}
+
+// addPendingEvents moves the persisted count of pending events by delta.
+func addPendingEvents(tx *bolt.Tx, delta int) error {
+	if delta == 0 {
+		return nil
+	}
+	b := tx.Bucket(bucketMeta)
+	var n int64
+	if v := b.Get(keyPendingEvents); len(v) == 8 {
+		n = int64(binary.BigEndian.Uint64(v))
+	}
+	v := make([]byte, 8)
+	binary.BigEndian.PutUint64(v, uint64(n+int64(delta)))
+	return b.Put(keyPendingEvents, v)
 }
 
 // index is a keys-bucket value: the key's expiry (0: not a dedupe key,
@@ -358,6 +395,9 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 		if err := events.Put(ref, encodeEvent(uint32(len(targets)), 0, ev)); err != nil {
 			return err
 		}
+		if err := addPendingEvents(tx, 1); err != nil {
+			return err
+		}
 		d := encodeDelivery(&Delivery{NextAt: now})
 		pending := tx.Bucket(bucketPending)
 		for _, t := range targets {
@@ -473,6 +513,9 @@ func (s *Bolt) Settle(d *Delivery, o Outcome) (Change, error) {
 		}
 		if owed > 0 && e.owed == 0 {
 			ch.PendingEvents = -1
+			if err := addPendingEvents(tx, -1); err != nil {
+				return err
+			}
 		}
 		return e.save(tx)
 	})
@@ -482,21 +525,69 @@ func (s *Bolt) Settle(d *Delivery, o Outcome) (Change, error) {
 	return ch, nil
 }
 
-// Pending implements Store.
-func (s *Bolt) Pending(fn func(d *Delivery) error) error {
-	return s.view(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketPending).ForEachBucket(func(target []byte) error {
-			t := string(target)
-			return tx.Bucket(bucketPending).Bucket(target).ForEach(func(k, v []byte) error {
-				d, err := decodeDelivery(t, k, v)
-				if err != nil {
-					return err
-				}
-				return fn(d)
-			})
+// Backlog implements Store: a read transaction, held until Close.
+func (s *Bolt) Backlog() (Backlog, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	tx, err := s.db.Begin(false)
+	if err != nil {
+		return nil, err
+	}
+	return boltBacklog{tx}, nil
+}
+
+type boltBacklog struct{ tx *bolt.Tx }
+
+func (b boltBacklog) PendingEvents() int {
+	v := b.tx.Bucket(bucketMeta).Get(keyPendingEvents)
+	if len(v) != 8 {
+		return 0
+	}
+	return int(binary.BigEndian.Uint64(v))
+}
+
+func (b boltBacklog) Targets() []string {
+	var out []string
+	pending := b.tx.Bucket(bucketPending)
+	_ = pending.ForEachBucket(func(k []byte) error {
+		if first, _ := pending.Bucket(k).Cursor().First(); first != nil {
+			out = append(out, string(k))
+		}
+		return nil
+	})
+	return out
+}
+
+func (b boltBacklog) Dead() (map[string]int, error) {
+	out := map[string]int{}
+	dead := b.tx.Bucket(bucketDead)
+	err := dead.ForEachBucket(func(k []byte) error {
+		if n := dead.Bucket(k).Stats().KeyN; n > 0 {
+			out[string(k)] = n
+		}
+		return nil
+	})
+	return out, err
+}
+
+func (b boltBacklog) Pending(fn func(d *Delivery) error) error {
+	pending := b.tx.Bucket(bucketPending)
+	return pending.ForEachBucket(func(target []byte) error {
+		t := string(target)
+		return pending.Bucket(target).ForEach(func(k, v []byte) error {
+			d, err := decodeDelivery(t, k, v)
+			if err != nil {
+				return err
+			}
+			return fn(d)
 		})
 	})
 }
+
+func (b boltBacklog) Close() error { return b.tx.Rollback() }
 
 // OldestPending implements Store.
 func (s *Bolt) OldestPending(target string) (time.Time, bool, error) {
@@ -559,6 +650,9 @@ func (s *Bolt) KillTarget(target, reason string, now time.Time) (int, int, error
 			return e.save(tx)
 		})
 		if err != nil {
+			return err
+		}
+		if err := addPendingEvents(tx, -settled); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketPending).DeleteBucket(name)
@@ -707,7 +801,7 @@ func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.
 				}
 			}
 		}
-		return nil
+		return addPendingEvents(tx, revived)
 	})
 	return out, revived, err
 }

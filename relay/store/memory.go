@@ -182,20 +182,50 @@ func sortedDeliveries(m map[ID]*Delivery) []*Delivery {
 	return out
 }
 
-// Pending implements Store.
-func (s *Memory) Pending(fn func(d *Delivery) error) error {
+// Backlog implements Store: a copy taken under the lock.
+func (s *Memory) Backlog() (Backlog, error) {
 	if err := s.lock(); err != nil {
-		return err
+		return nil, err
 	}
-	var all []*Delivery
-	for _, t := range sortedKeys(s.pending) {
-		for _, d := range sortedDeliveries(s.pending[t]) {
-			c := *d
-			all = append(all, &c)
+	defer s.mu.Unlock()
+	b := &memBacklog{dead: map[string]int{}}
+	for _, e := range s.events {
+		if e.owed > 0 {
+			b.pendingEvents++
 		}
 	}
-	s.mu.Unlock()
-	for _, d := range all {
+	for _, t := range sortedKeys(s.pending) {
+		if len(s.pending[t]) == 0 {
+			continue
+		}
+		b.targets = append(b.targets, t)
+		for _, d := range sortedDeliveries(s.pending[t]) {
+			c := *d
+			b.pending = append(b.pending, &c)
+		}
+	}
+	for t, m := range s.dead {
+		if len(m) > 0 {
+			b.dead[t] = len(m)
+		}
+	}
+	return b, nil
+}
+
+type memBacklog struct {
+	pendingEvents int
+	targets       []string
+	pending       []*Delivery
+	dead          map[string]int
+}
+
+func (b *memBacklog) PendingEvents() int            { return b.pendingEvents }
+func (b *memBacklog) Targets() []string             { return b.targets }
+func (b *memBacklog) Dead() (map[string]int, error) { return b.dead, nil }
+func (b *memBacklog) Close() error                  { return nil }
+
+func (b *memBacklog) Pending(fn func(d *Delivery) error) error {
+	for _, d := range b.pending {
 		if err := fn(d); err != nil {
 			return err
 		}

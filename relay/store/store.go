@@ -100,6 +100,23 @@ type Stats struct {
 	Keys int
 }
 
+// Backlog is a snapshot of a store's deliveries: writes made after it was
+// taken are not in it. Close it soon: a bbolt snapshot keeps the pages it
+// reads from being reused, and the store's Close waits for it.
+type Backlog interface {
+	// PendingEvents is the number of events owed to at least one target.
+	// It is kept as a count, not counted.
+	PendingEvents() int
+	// Targets returns the names of the targets with pending deliveries.
+	Targets() []string
+	// Dead returns the dead-letter count of each target that has any.
+	Dead() (map[string]int, error)
+	// Pending calls fn for every pending delivery, target by target,
+	// oldest event first.
+	Pending(fn func(d *Delivery) error) error
+	Close() error
+}
+
 // Store is the durable state of one relay. Every method is safe for
 // concurrent use. Methods that change state return only once the change is
 // durable (for stores that are durable at all).
@@ -119,9 +136,9 @@ type Store interface {
 	// removes a dead letter of the same (event, target), which a config
 	// reload may have made of a delivery while its attempt was under way.
 	Settle(d *Delivery, o Outcome) (Change, error)
-	// Pending calls fn for every pending delivery, target by target, oldest
-	// event first.
-	Pending(fn func(d *Delivery) error) error
+	// Backlog takes a snapshot of the pending deliveries and dead-letter
+	// counts, for an engine to load while the store takes writes.
+	Backlog() (Backlog, error)
 	// OldestPending returns the receipt time of the oldest event pending at
 	// target; ok is false when none is.
 	OldestPending(target string) (t time.Time, ok bool, err error)
@@ -148,4 +165,14 @@ type Store interface {
 	Stats(now time.Time) (Stats, error)
 	// Close releases the store. It is safe to call more than once.
 	Close() error
+}
+
+// ForEachPending calls fn for every delivery pending in s now: a backlog
+// taken, read and closed.
+func ForEachPending(s Store, fn func(d *Delivery) error) error {
+	b, err := s.Backlog()
+	if err != nil {
+		return err
+	}
+	return errors.Join(b.Pending(fn), b.Close())
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
 	"go.uber.org/goleak"
 )
 
@@ -88,8 +89,8 @@ func settle(t *testing.T, s Store, d *Delivery, o Outcome, want Change) {
 func pending(t *testing.T, s Store) []Delivery {
 	t.Helper()
 	var out []Delivery
-	if err := s.Pending(func(d *Delivery) error { out = append(out, *d); return nil }); err != nil {
-		t.Fatalf("Pending: %v", err)
+	if err := ForEachPending(s, func(d *Delivery) error { out = append(out, *d); return nil }); err != nil {
+		t.Fatalf("ForEachPending: %v", err)
 	}
 	return out
 }
@@ -114,6 +115,27 @@ func checkStats(t *testing.T, s Store, now time.Time, pendingEvents int, pend, d
 	}
 	if fmt.Sprint(st.Dead) != fmt.Sprint(dead) {
 		t.Errorf("Stats.Dead = %v, want %v", st.Dead, dead)
+	}
+	// The backlog an engine loads agrees, its pending-event count kept
+	// by every write rather than counted.
+	b, err := s.Backlog()
+	if err != nil {
+		t.Fatalf("Backlog: %v", err)
+	}
+	defer b.Close()
+	if n := b.PendingEvents(); n != pendingEvents {
+		t.Errorf("Backlog.PendingEvents = %d, want %d", n, pendingEvents)
+	}
+	var targets []string
+	for name := range pend {
+		targets = append(targets, name)
+	}
+	sort.Strings(targets)
+	if got := b.Targets(); fmt.Sprint(got) != fmt.Sprint(targets) {
+		t.Errorf("Backlog.Targets = %v, want %v", got, targets)
+	}
+	if got, err := b.Dead(); err != nil || fmt.Sprint(got) != fmt.Sprint(dead) {
+		t.Errorf("Backlog.Dead = %v, %v; want %v", got, err, dead)
 	}
 }
 
@@ -596,7 +618,7 @@ func TestClosedStore(t *testing.T) {
 			_, checks["Seen"] = s.Seen(id(1), t0)
 			_, checks["Event"] = s.Event(id(1))
 			_, checks["Settle"] = s.Settle(&Delivery{ID: id(1), Target: "a"}, Delivered)
-			checks["Pending"] = s.Pending(func(*Delivery) error { return nil })
+			_, checks["Backlog"] = s.Backlog()
 			_, _, checks["OldestPending"] = s.OldestPending("a")
 			_, _, checks["KillTarget"] = s.KillTarget("a", "x", t0)
 			_, _, checks["DeadLetters"] = s.DeadLetters("", "", 10)
@@ -693,6 +715,44 @@ func TestBoltReopen(t *testing.T) {
 	if st := stats(t, s, t0); st.Keys != 2 {
 		t.Errorf("Stats.Keys after reopen = %d, want 2", st.Keys)
 	}
+}
+
+// TestBoltCountsPendingEventsOnce: a file without the pending-event count
+// (written before the count existed) gets it, counted, at open.
+func TestBoltCountsPendingEventsOnce(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "relay.db")
+	s, err := OpenBolt(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := range 5 {
+		targets := []string{"a", "b"}
+		if n%2 == 0 {
+			targets = targets[1:]
+		}
+		if _, err := s.Accept(event(n, t0), targets, t0.Add(time.Hour), t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle(t, s, &Delivery{ID: id(1), Target: "a"}, Delivered, Change{Pending: -1})
+	settle(t, s, &Delivery{ID: id(2), Target: "b"}, Delivered, Change{Pending: -1, PendingEvents: -1})
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Delete(keyPendingEvents) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s, err = OpenBolt(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	checkStats(t, s, t0, 4, map[string]int{"a": 1, "b": 4}, map[string]int{})
 }
 
 func TestBoltOpenTwiceFails(t *testing.T) {
