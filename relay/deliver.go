@@ -244,8 +244,16 @@ func (e *Engine) attempt(t *target, it item) {
 	}
 }
 
+// settle records an attempt's outcome without waiting for it to be
+// durable: the worker goes on to its next delivery, and the outcome shares
+// its commit with acks and other outcomes. What follows from the outcome
+// (gauges, a retry queued) happens once it is durable. A crash before then
+// loses the outcome, so the attempt is made again: at least once.
 func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.Outcome) {
-	ch, err := e.st.Settle(d, o)
+	e.st.SettleLater(d, o, func(ch store.Change, err error) { e.settled(t, tc, d, o, ch, err) })
+}
+
+func (e *Engine) settled(t *target, tc *TargetConfig, d *store.Delivery, o store.Outcome, ch store.Change, err error) {
 	if err != nil {
 		// The store is closing or failing: the delivery stays pending as
 		// last stored. While the engine runs, try it again later (at

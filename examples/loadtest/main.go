@@ -185,8 +185,11 @@ func (r *runner) main(ctx context.Context) int {
 				}
 			}
 		case "latency":
+			if err = r.runLatency(ctx, kindRespond, modeHealthy); err != nil {
+				break
+			}
 			for _, m := range []int32{modeHealthy, modeSlow, modeDown} {
-				if err = r.runLatency(ctx, m); err != nil {
+				if err = r.runLatency(ctx, kindBolt, m); err != nil {
 					break
 				}
 			}

@@ -63,6 +63,29 @@ type Bolt struct {
 type op struct {
 	fn   func(*bolt.Tx) error
 	done chan error
+	// later: nobody waits; the writer calls then once fn is durable and
+	// may hold the op back up to settleDelay for company.
+	later bool
+	then  func(error)
+}
+
+// settleDelay is how long a write nobody waits for (a delivery's outcome)
+// may wait for others before it commits. An ack's write never waits: it
+// takes every queued outcome along. Delivery outcomes then share fsyncs
+// with acks and with each other instead of each costing one, which took
+// the writer away from acks.
+const settleDelay = 5 * time.Millisecond
+
+// finish reports the outcome of o's commit.
+func (o *op) finish(err error) {
+	if !o.later {
+		o.done <- err
+		return
+	}
+	then := o.then
+	o.fn, o.then, o.later = nil, nil, false
+	opPool.Put(o)
+	then(err)
 }
 
 var opPool = sync.Pool{New: func() any { return &op{done: make(chan error, 1)} }}
@@ -167,9 +190,26 @@ func (s *Bolt) submit(fn func(*bolt.Tx) error) error {
 	return err
 }
 
+// submitLater queues fn for a commit without waiting for it; then is
+// called from the writer once fn is durable or has failed.
+func (s *Bolt) submitLater(fn func(*bolt.Tx) error, then func(error)) {
+	o := opPool.Get().(*op)
+	o.fn, o.then, o.later = fn, then, true
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		o.finish(ErrClosed)
+		return
+	}
+	s.ops <- o
+	s.mu.RUnlock()
+}
+
 func (s *Bolt) writer() {
 	defer close(s.done)
 	batch := make([]*op, 0, maxBatch)
+	wait := time.NewTimer(settleDelay)
+	wait.Stop()
 	for {
 		var first *op
 		select {
@@ -186,6 +226,9 @@ func (s *Bolt) writer() {
 			}
 		}
 		batch = append(batch[:0], first)
+		if first.later {
+			batch = s.waitForCompany(batch, wait)
+		}
 		// Let the goroutines that are ready to run queue their writes
 		// before this commit starts. Without it, with one CPU the writer
 		// runs as soon as the first write is queued (the scheduler runs
@@ -211,6 +254,28 @@ func (s *Bolt) writer() {
 	}
 }
 
+// waitForCompany adds queued writes to a batch of writes nobody waits for,
+// until one that somebody waits for arrives, settleDelay passes, or the
+// batch is full.
+func (s *Bolt) waitForCompany(batch []*op, wait *time.Timer) []*op {
+	wait.Reset(settleDelay)
+	defer wait.Stop()
+	for len(batch) < maxBatch {
+		select {
+		case o := <-s.ops:
+			batch = append(batch, o)
+			if !o.later {
+				return batch
+			}
+		case <-wait.C:
+			return batch
+		case <-s.quit:
+			return batch
+		}
+	}
+	return batch
+}
+
 type opError struct{ err error }
 
 func (e opError) Error() string { return e.err.Error() }
@@ -229,7 +294,7 @@ func (s *Bolt) commit(batch []*op) {
 		// One write failed on its own account: give each its own
 		// transaction so the others are not lost with it.
 		for _, o := range batch {
-			o.done <- s.db.Update(o.fn)
+			o.finish(s.db.Update(o.fn))
 		}
 		return
 	}
@@ -237,7 +302,7 @@ func (s *Bolt) commit(batch []*op) {
 		err = oe.err
 	}
 	for _, o := range batch {
-		o.done <- err
+		o.finish(err)
 	}
 }
 
@@ -460,69 +525,84 @@ func (s *Bolt) Event(id ID) (*Event, error) {
 // Settle implements Store.
 func (s *Bolt) Settle(d *Delivery, o Outcome) (Change, error) {
 	var ch Change
-	err := s.submit(func(tx *bolt.Tx) error {
-		ch = Change{}
-		e, err := lookup(tx, d.ID)
-		if err != nil || e == nil {
-			return err
-		}
-		target := []byte(d.Target)
-		pb := tx.Bucket(bucketPending).Bucket(target)
-		db := tx.Bucket(bucketDead).Bucket(target)
-		inPending := pb != nil && pb.Get(e.ref) != nil
-		inDead := db != nil && db.Get(e.ref) != nil
-		owed := e.owed
-		switch o {
-		case Retry:
-			if !inPending {
-				return nil
-			}
-			return pb.Put(e.ref, encodeDelivery(d))
-		case Dead:
-			if !inPending {
-				return nil
-			}
-			if err := pb.Delete(e.ref); err != nil {
-				return err
-			}
-			db, err := tx.Bucket(bucketDead).CreateBucketIfNotExists(target)
-			if err != nil {
-				return err
-			}
-			if err := db.Put(e.ref, encodeDelivery(d)); err != nil {
-				return err
-			}
-			e.owed--
-			e.dead++
-			ch.Pending, ch.Dead = -1, 1
-		case Delivered:
-			if inPending {
-				if err := pb.Delete(e.ref); err != nil {
-					return err
-				}
-				e.owed--
-				ch.Pending = -1
-			}
-			if inDead {
-				if err := db.Delete(e.ref); err != nil {
-					return err
-				}
-				e.dead--
-				ch.Dead = -1
-			}
-		}
-		if owed > 0 && e.owed == 0 {
-			ch.PendingEvents = -1
-			if err := addPendingEvents(tx, -1); err != nil {
-				return err
-			}
-		}
-		return e.save(tx)
-	})
+	err := s.submit(func(tx *bolt.Tx) error { return settleTx(tx, d, o, &ch) })
 	if err != nil {
 		return Change{}, err
 	}
 	return ch, nil
+}
+
+// SettleLater implements Store.
+func (s *Bolt) SettleLater(d *Delivery, o Outcome, then func(Change, error)) {
+	var ch Change
+	s.submitLater(func(tx *bolt.Tx) error { return settleTx(tx, d, o, &ch) }, func(err error) {
+		if err != nil {
+			ch = Change{}
+		}
+		then(ch, err)
+	})
+}
+
+// settleTx records an outcome; it sets *chp afresh on every run.
+func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, chp *Change) error {
+	*chp = Change{}
+	ch := chp
+	e, err := lookup(tx, d.ID)
+	if err != nil || e == nil {
+		return err
+	}
+	target := []byte(d.Target)
+	pb := tx.Bucket(bucketPending).Bucket(target)
+	db := tx.Bucket(bucketDead).Bucket(target)
+	inPending := pb != nil && pb.Get(e.ref) != nil
+	inDead := db != nil && db.Get(e.ref) != nil
+	owed := e.owed
+	switch o {
+	case Retry:
+		if !inPending {
+			return nil
+		}
+		return pb.Put(e.ref, encodeDelivery(d))
+	case Dead:
+		if !inPending {
+			return nil
+		}
+		if err := pb.Delete(e.ref); err != nil {
+			return err
+		}
+		db, err := tx.Bucket(bucketDead).CreateBucketIfNotExists(target)
+		if err != nil {
+			return err
+		}
+		if err := db.Put(e.ref, encodeDelivery(d)); err != nil {
+			return err
+		}
+		e.owed--
+		e.dead++
+		ch.Pending, ch.Dead = -1, 1
+	case Delivered:
+		if inPending {
+			if err := pb.Delete(e.ref); err != nil {
+				return err
+			}
+			e.owed--
+			ch.Pending = -1
+		}
+		if inDead {
+			if err := db.Delete(e.ref); err != nil {
+				return err
+			}
+			e.dead--
+			ch.Dead = -1
+		}
+	}
+	if owed > 0 && e.owed == 0 {
+		ch.PendingEvents = -1
+		if err := addPendingEvents(tx, -1); err != nil {
+			return err
+		}
+	}
+	return e.save(tx)
 }
 
 // Backlog implements Store: a read transaction, held until Close.

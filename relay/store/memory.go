@@ -116,6 +116,11 @@ func (s *Memory) release(id ID, e *memEvent) {
 	}
 }
 
+// SettleLater implements Store, at once: there is nothing to wait for.
+func (s *Memory) SettleLater(d *Delivery, o Outcome, then func(Change, error)) {
+	then(s.Settle(d, o))
+}
+
 // Settle implements Store.
 func (s *Memory) Settle(d *Delivery, o Outcome) (Change, error) {
 	if err := s.lock(); err != nil {

@@ -136,6 +136,11 @@ type Store interface {
 	// removes a dead letter of the same (event, target), which a config
 	// reload may have made of a delivery while its attempt was under way.
 	Settle(d *Delivery, o Outcome) (Change, error)
+	// SettleLater is Settle without waiting: then gets what Settle would
+	// return once the outcome is durable (or failed), possibly from another
+	// goroutine and after a few milliseconds in which other writes may join
+	// it. then must not block.
+	SettleLater(d *Delivery, o Outcome, then func(Change, error))
 	// Backlog takes a snapshot of the pending deliveries and dead-letter
 	// counts, for an engine to load while the store takes writes.
 	Backlog() (Backlog, error)

@@ -259,6 +259,45 @@ func TestNoKeyStillDedupesWhileStored(t *testing.T) {
 	})
 }
 
+// TestSettleLater: outcomes nobody waits for are recorded, in order, and
+// their Change reaches the callback; an ack's write does not wait for them.
+func TestSettleLater(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s Store) {
+		accept(t, s, event(1, t0), "a", "b")
+		accept(t, s, event(2, t0), "a")
+		type result struct {
+			ch  Change
+			err error
+		}
+		got := make(chan result, 3)
+		then := func(ch Change, err error) { got <- result{ch, err} }
+		s.SettleLater(&Delivery{ID: id(1), Target: "a", Attempts: 1, NextAt: t0.Add(time.Minute)}, Retry, then)
+		s.SettleLater(&Delivery{ID: id(1), Target: "a", Attempts: 2}, Delivered, then)
+		s.SettleLater(&Delivery{ID: id(2), Target: "a", Attempts: 1}, Delivered, then)
+		// An ack queued behind them commits them with it.
+		accept(t, s, event(3, t0), "b")
+		want := []Change{{}, {Pending: -1}, {Pending: -1, PendingEvents: -1}}
+		for i, w := range want {
+			r := <-got
+			if r.err != nil || r.ch != w {
+				t.Errorf("outcome %d: %+v, %v; want %+v", i, r.ch, r.err, w)
+			}
+		}
+		checkStats(t, s, t0, 2, map[string]int{"b": 2}, map[string]int{})
+	})
+	for _, impl := range impls {
+		s := impl.open(t)
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		s.SettleLater(&Delivery{ID: id(1), Target: "a"}, Delivered, func(_ Change, err error) { done <- err })
+		if err := <-done; !errors.Is(err, ErrClosed) {
+			t.Errorf("%s: SettleLater after Close: %v, want ErrClosed", impl.name, err)
+		}
+	}
+}
+
 func TestSettle(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s Store) {
 		accept(t, s, event(1, t0), "a", "b", "c")
