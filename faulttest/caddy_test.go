@@ -346,6 +346,7 @@ type overview struct {
 			Configured  bool   `json:"configured"`
 			Pending     int64  `json:"pending"`
 			DeadLetters int64  `json:"dead_letters"`
+			Held        bool   `json:"held"`
 		} `json:"targets"`
 	} `json:"relays"`
 }
@@ -368,6 +369,7 @@ func (c *caddyProc) overview() (overview, error) {
 type relayCounts struct {
 	pendingEvents int64
 	pending, dead map[string]int64
+	held          map[string]bool
 }
 
 func (c *caddyProc) counts(relay string) (relayCounts, error) {
@@ -379,10 +381,11 @@ func (c *caddyProc) counts(relay string) (relayCounts, error) {
 		if r.Name != relay {
 			continue
 		}
-		rc := relayCounts{pendingEvents: r.PendingEvents, pending: map[string]int64{}, dead: map[string]int64{}}
+		rc := relayCounts{pendingEvents: r.PendingEvents, pending: map[string]int64{}, dead: map[string]int64{}, held: map[string]bool{}}
 		for _, tg := range r.Targets {
 			rc.pending[tg.Name] = tg.Pending
 			rc.dead[tg.Name] = tg.DeadLetters
+			rc.held[tg.Name] = tg.Held
 		}
 		return rc, nil
 	}

@@ -12,8 +12,9 @@ import (
 
 // TestLongOutage (issue 4, item 4): a target down for longer than several
 // backoff steps (compressed to 10ms..200ms) gets everything once it is
-// back, within a few backoff_max; and a dead target, hanging or answering
-// 503, does not slow the deliveries to a healthy one.
+// back, within a few backoff_max, and meanwhile is held to one probe at a
+// time; and a dead target, hanging or answering 503, does not slow the
+// deliveries to a healthy one.
 func TestLongOutage(t *testing.T) {
 	needCaddy(t)
 	t.Run("recovery", testOutageRecovery)
@@ -46,20 +47,23 @@ func testOutageRecovery(t *testing.T) {
 		}
 	}
 	ids := l.ackedIDs()
-	// Down until every event has been tried at least 12 times: past the
-	// doubling steps (10, 20, 40, 80, 160 ms) and into the capped ones.
-	const attempts = 12
+	// Down for 3s, far past the doubling steps (10, 20, 40, 80, 160 ms),
+	// and until the relay holds the target, every event tried at least
+	// twice (ten failures in a row trip the breaker, then one probe at a
+	// time goes out, at most backoff_max apart).
+	const attempts, minOutage = 2, 3 * time.Second
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		fewest, seen := attempts, legacy.snapshot()
 		for _, id := range ids {
 			fewest = min(fewest, seen[id].maxAttempt)
 		}
-		if fewest >= attempts {
+		rc, err := caddy.counts("outage")
+		if fewest >= attempts && err == nil && rc.held["legacy"] && time.Since(down) >= minOutage {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("after 15s of outage, an event has had only %d attempts", fewest)
+			t.Fatalf("after 15s of outage: fewest attempts of an event %d, held %v (%v)", fewest, rc.held["legacy"], err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -68,6 +72,11 @@ func testOutageRecovery(t *testing.T) {
 	}
 	outage := time.Since(down)
 	attemptsDown := legacy.tally().requests
+	// Without the breaker each of the 20 events retries on its own
+	// schedule: over 3s, at least 20 x 15 attempts at the 200ms cap.
+	if limit := 10 + int(outage/(10*time.Millisecond)); attemptsDown > limit {
+		t.Errorf("%d attempts in a %s outage, want at most %d: one probe at a time once held", attemptsDown, outage.Round(time.Millisecond), limit)
+	}
 	legacy.set(modeOK)
 	up := time.Now()
 	if m := legacy.waitDelivered(ids, 10*time.Second); len(m) > 0 {

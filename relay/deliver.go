@@ -188,13 +188,16 @@ func (e *Engine) attempt(t *target, it item) {
 		d.LastError = ReasonMaxAgeExceeded
 		d.LastAttemptAt = now
 		e.settle(t, tc, d, store.Dead)
+		t.q.unheld(now.UnixNano())
 		return
 	}
 	ev, err := e.st.Event(d.ID)
 	if errors.Is(err, store.ErrNotFound) {
+		t.q.unheld(now.UnixNano())
 		return // deleted meanwhile
 	}
 	if err != nil {
+		t.q.unheld(now.UnixNano())
 		if e.ctx.Err() == nil {
 			e.log.Error("reading event for delivery", zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Error(err))
 			d.NextAt = now.Add(tc.BackoffMin)
@@ -224,6 +227,7 @@ func (e *Engine) attempt(t *target, it item) {
 		}
 		drain(resp)
 	}
+	e.breaker(t, tc, d, verdict, resp)
 	switch {
 	case verdict == Done:
 		e.settle(t, tc, d, store.Delivered)
@@ -249,6 +253,25 @@ func (e *Engine) attempt(t *target, it item) {
 // its commit with acks and other outcomes. What follows from the outcome
 // (gauges, a retry queued) happens once it is durable. A crash before then
 // loses the outcome, so the attempt is made again: at least once.
+// breaker feeds an attempt's verdict to the target's breaker (see queue)
+// and logs when it trips or releases.
+func (e *Engine) breaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
+	if verdict != Again {
+		if t.q.answered() {
+			e.log.Info("target answering again: its held deliveries resume",
+				zap.String("target", t.name), zap.Int("last_status", d.LastStatus))
+		}
+		return
+	}
+	cooldown := func(n int) time.Duration {
+		return Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(n, resp)
+	}
+	if t.q.failed(e.now().UnixNano(), cooldown, tc.Timeout+time.Second) {
+		e.log.Warn("target failing: its deliveries are held, one probe at a time until it answers",
+			zap.String("target", t.name), zap.Int("failures_in_a_row", tripAfter), zap.String("error", d.LastError))
+	}
+}
+
 func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.Outcome) {
 	e.st.SettleLater(d, o, func(ch store.Change, err error) { e.settled(t, tc, d, o, ch, err) })
 }
@@ -415,6 +438,73 @@ type queue struct {
 	waiters []chan struct{}
 	timer   *time.Timer
 	timerAt int64 // unix ns the timer is armed for; 0 when not armed
+
+	// The breaker: after tripAfter attempts in a row failed with a
+	// retryable error, the target is taken for down. Its deliveries are
+	// held and one probe goes out at a time, each after a cooldown on the
+	// target's backoff curve; the first answer other than a retryable
+	// error releases them all. Without it, every pending delivery keeps
+	// its own retry schedule, and a large backlog retries against a dead
+	// service thousands of times a second, taking the CPU and the store's
+	// writer from the acks.
+	fails     int   // retryable failures in a row
+	holdUntil int64 // while tripped, no item is handed out before this
+	probeFor  int64 // how long a handed-out probe holds the others (ns)
+}
+
+// tripAfter is how many retryable failures in a row trip the breaker.
+const tripAfter = 10
+
+func (q *queue) trippedLocked() bool { return q.fails >= tripAfter }
+
+// failed counts a retryable failure. Once tripped, nothing more is handed
+// out for cooldown(n) (n: failures since the trip, from 1), and a probe
+// then holds the others for at most probeFor. It reports whether this
+// failure tripped the breaker.
+func (q *queue) failed(now int64, cooldown func(n int) time.Duration, probeFor time.Duration) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.fails++
+	if !q.trippedLocked() {
+		return false
+	}
+	q.holdUntil = now + int64(cooldown(q.fails-tripAfter+1))
+	q.probeFor = int64(probeFor)
+	return q.fails == tripAfter
+}
+
+// answered records an answer that is not a retryable failure and reports
+// whether it released a tripped breaker.
+func (q *queue) answered() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	tripped := q.trippedLocked()
+	q.fails, q.holdUntil = 0, 0
+	if tripped {
+		for _, w := range q.waiters {
+			close(w)
+		}
+		q.waiters = q.waiters[:0]
+	}
+	return tripped
+}
+
+// unheld lets the next probe go now: the item handed out as a probe was
+// settled without an attempt (expired, or deleted meanwhile).
+func (q *queue) unheld(now int64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.trippedLocked() && q.holdUntil > now {
+		q.holdUntil = now
+		q.wakeOneLocked()
+	}
+}
+
+// tripped reports whether the breaker holds the target's deliveries.
+func (q *queue) tripped() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.trippedLocked()
 }
 
 type itemHeap []item
@@ -514,16 +604,23 @@ func (q *queue) fire() {
 func (q *queue) pop(ctx context.Context, quit <-chan struct{}, now func() time.Time) (item, bool) {
 	q.mu.Lock()
 	n := now().UnixNano()
-	if len(q.h) > 0 && q.h[0].due <= n {
+	held := q.trippedLocked() && n < q.holdUntil
+	if !held && len(q.h) > 0 && q.h[0].due <= n {
 		it := heap.Pop(&q.h).(item)
-		if len(q.h) > 0 && q.h[0].due <= n {
+		if q.trippedLocked() {
+			q.holdUntil = n + q.probeFor // a probe: the others wait for its answer
+		} else if len(q.h) > 0 && q.h[0].due <= n {
 			q.wakeOneLocked() // more are due: let another idle worker take one
 		}
 		q.mu.Unlock()
 		return it, true
 	}
 	if len(q.h) > 0 {
-		q.armLocked(q.h[0].due, n)
+		at := q.h[0].due
+		if held {
+			at = max(at, q.holdUntil)
+		}
+		q.armLocked(at, n)
 	}
 	w := make(chan struct{})
 	q.waiters = append(q.waiters, w)

@@ -489,6 +489,9 @@ type TargetStats struct {
 	Configured  bool   `json:"configured"`
 	Pending     int64  `json:"pending"`
 	DeadLetters int64  `json:"dead_letters"`
+	// Held: the target failed too often in a row; its deliveries wait
+	// while one probe at a time finds out whether it is back.
+	Held bool `json:"held"`
 }
 
 // Stats returns the counts of every target with state, sorted by name.
@@ -497,11 +500,11 @@ func (e *Engine) Stats() []TargetStats {
 	defer e.mu.RUnlock()
 	out := make([]TargetStats, 0, len(e.counts))
 	for name, c := range e.counts {
-		_, ok := e.targets[name]
+		t, ok := e.targets[name]
 		if !ok && c.pending.Load() == 0 && c.dead.Load() == 0 {
 			continue
 		}
-		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load()})
+		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load(), Held: ok && t.q.tripped()})
 	}
 	for _, t := range e.cfg.Targets {
 		if _, ok := e.counts[t.Name]; !ok {
