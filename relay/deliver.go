@@ -257,7 +257,7 @@ func (e *Engine) attempt(t *target, it item) {
 // and logs when it trips or releases.
 func (e *Engine) breaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
 	if verdict != Again {
-		if t.q.answered() {
+		if t.q.answered(e.now().UnixNano()) {
 			e.log.Info("target answering again: its held deliveries resume",
 				zap.String("target", t.name), zap.Int("last_status", d.LastStatus))
 		}
@@ -266,7 +266,7 @@ func (e *Engine) breaker(t *target, tc *TargetConfig, d *store.Delivery, verdict
 	cooldown := func(n int) time.Duration {
 		return Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(n, resp)
 	}
-	if t.q.failed(e.now().UnixNano(), cooldown, tc.Timeout+time.Second) {
+	if t.q.failed(e.now().UnixNano(), tc.BackoffMin, cooldown, tc.Timeout+time.Second) {
 		e.log.Warn("target failing: its deliveries are held, one probe at a time until it answers",
 			zap.String("target", t.name), zap.Int("failures_in_a_row", tripAfter), zap.String("error", d.LastError))
 	}
@@ -440,53 +440,63 @@ type queue struct {
 	timerAt int64 // unix ns the timer is armed for; 0 when not armed
 
 	// The breaker: after tripAfter attempts in a row failed with a
-	// retryable error, the target is taken for down. Its deliveries are
-	// held and one probe goes out at a time, each after a cooldown on the
-	// target's backoff curve; the first answer other than a retryable
-	// error releases them all. Without it, every pending delivery keeps
-	// its own retry schedule, and a large backlog retries against a dead
-	// service thousands of times a second, taking the CPU and the store's
-	// writer from the acks.
+	// retryable error and nothing succeeded for a while, the target is
+	// taken for down. Its deliveries are held and one probe goes out at a
+	// time, each after a cooldown on the target's backoff curve; the first
+	// answer other than a retryable error releases them all. Without it,
+	// every pending delivery keeps its own retry schedule, and a large
+	// backlog retries against a dead service thousands of times a second,
+	// taking the CPU and the store's writer from the acks. The quiet
+	// period keeps a flaky target that still answers now and then (runs of
+	// ten failures are common at a high rate) from being held.
 	fails     int   // retryable failures in a row
-	holdUntil int64 // while tripped, no item is handed out before this
+	lastOK    int64 // unix ns of the last answer that was not one
+	held      bool
+	probes    int   // failures since the breaker tripped
+	holdUntil int64 // while held, no item is handed out before this
 	probeFor  int64 // how long a handed-out probe holds the others (ns)
 }
 
-// tripAfter is how many retryable failures in a row trip the breaker.
+// tripAfter is how many retryable failures in a row trip the breaker,
+// provided nothing succeeded for the target's backoff minimum.
 const tripAfter = 10
 
-func (q *queue) trippedLocked() bool { return q.fails >= tripAfter }
-
-// failed counts a retryable failure. Once tripped, nothing more is handed
-// out for cooldown(n) (n: failures since the trip, from 1), and a probe
-// then holds the others for at most probeFor. It reports whether this
-// failure tripped the breaker.
-func (q *queue) failed(now int64, cooldown func(n int) time.Duration, probeFor time.Duration) bool {
+// failed counts a retryable failure at now. Once held, nothing more is
+// handed out for cooldown(n) (n: failures since the trip, from 1), and a
+// probe then holds the others for at most probeFor. It reports whether
+// this failure tripped the breaker.
+func (q *queue) failed(now int64, quiet time.Duration, cooldown func(n int) time.Duration, probeFor time.Duration) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.fails++
-	if !q.trippedLocked() {
-		return false
+	tripped := false
+	if !q.held {
+		if q.fails < tripAfter || now-q.lastOK < int64(quiet) {
+			return false
+		}
+		q.held, q.probes, tripped = true, 0, true
 	}
-	q.holdUntil = now + int64(cooldown(q.fails-tripAfter+1))
+	q.probes++
+	q.holdUntil = now + int64(cooldown(q.probes))
 	q.probeFor = int64(probeFor)
-	return q.fails == tripAfter
+	return tripped
 }
 
-// answered records an answer that is not a retryable failure and reports
-// whether it released a tripped breaker.
-func (q *queue) answered() bool {
+// answered records, at now, an answer that is not a retryable failure and
+// reports whether it released a held target.
+func (q *queue) answered(now int64) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	tripped := q.trippedLocked()
-	q.fails, q.holdUntil = 0, 0
-	if tripped {
-		for _, w := range q.waiters {
-			close(w)
-		}
-		q.waiters = q.waiters[:0]
+	q.fails, q.lastOK = 0, now
+	if !q.held {
+		return false
 	}
-	return tripped
+	q.held, q.holdUntil = false, 0
+	for _, w := range q.waiters {
+		close(w)
+	}
+	q.waiters = q.waiters[:0]
+	return true
 }
 
 // unheld lets the next probe go now: the item handed out as a probe was
@@ -494,17 +504,17 @@ func (q *queue) answered() bool {
 func (q *queue) unheld(now int64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.trippedLocked() && q.holdUntil > now {
+	if q.held && q.holdUntil > now {
 		q.holdUntil = now
 		q.wakeOneLocked()
 	}
 }
 
-// tripped reports whether the breaker holds the target's deliveries.
-func (q *queue) tripped() bool {
+// isHeld reports whether the breaker holds the target's deliveries.
+func (q *queue) isHeld() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.trippedLocked()
+	return q.held
 }
 
 type itemHeap []item
@@ -604,10 +614,10 @@ func (q *queue) fire() {
 func (q *queue) pop(ctx context.Context, quit <-chan struct{}, now func() time.Time) (item, bool) {
 	q.mu.Lock()
 	n := now().UnixNano()
-	held := q.trippedLocked() && n < q.holdUntil
+	held := q.held && n < q.holdUntil
 	if !held && len(q.h) > 0 && q.h[0].due <= n {
 		it := heap.Pop(&q.h).(item)
-		if q.trippedLocked() {
+		if q.held {
 			q.holdUntil = n + q.probeFor // a probe: the others wait for its answer
 		} else if len(q.h) > 0 && q.h[0].due <= n {
 			q.wakeOneLocked() // more are due: let another idle worker take one

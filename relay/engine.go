@@ -504,7 +504,7 @@ func (e *Engine) Stats() []TargetStats {
 		if !ok && c.pending.Load() == 0 && c.dead.Load() == 0 {
 			continue
 		}
-		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load(), Held: ok && t.q.tripped()})
+		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load(), Held: ok && t.q.isHeld()})
 	}
 	for _, t := range e.cfg.Targets {
 		if _, ok := e.counts[t.Name]; !ok {

@@ -80,9 +80,12 @@ func (c *serverConf) render() string {
 		if c.kind == kindMemory {
 			storage = "memory"
 		}
+		// max_pending above the default of 1,000,000, so that the relay
+		// restarted with -restart-pending 1000000 can take new events.
 		site = fmt.Sprintf(`	webhook_relay bench {
 		auth_header %s %s
 		storage %s
+		max_pending 10000000
 		forward legacy %s {
 			concurrency %d
 			backoff 100ms 2s
