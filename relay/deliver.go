@@ -248,11 +248,6 @@ func (e *Engine) attempt(t *target, it item) {
 	}
 }
 
-// settle records an attempt's outcome without waiting for it to be
-// durable: the worker goes on to its next delivery, and the outcome shares
-// its commit with acks and other outcomes. What follows from the outcome
-// (gauges, a retry queued) happens once it is durable. A crash before then
-// loses the outcome, so the attempt is made again: at least once.
 // breaker feeds an attempt's verdict to the target's breaker (see queue)
 // and logs when it trips or releases.
 func (e *Engine) breaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
@@ -272,6 +267,11 @@ func (e *Engine) breaker(t *target, tc *TargetConfig, d *store.Delivery, verdict
 	}
 }
 
+// settle records an attempt's outcome without waiting for it to be
+// durable: the worker goes on to its next delivery, and the outcome shares
+// its commit with acks and other outcomes. What follows from the outcome
+// (gauges, a retry queued) happens once it is durable. A crash before then
+// loses the outcome, so the attempt is made again: at least once.
 func (e *Engine) settle(t *target, tc *TargetConfig, d *store.Delivery, o store.Outcome) {
 	e.st.SettleLater(d, o, func(ch store.Change, err error) { e.settled(t, tc, d, o, ch, err) })
 }
