@@ -98,3 +98,36 @@ func TestBreakerQuietPeriod(t *testing.T) {
 		}
 	}
 }
+
+// TestBreakerReleasedByNewSettings: a held target whose settings change (a
+// reload with the right URL) gets its deliveries at once, not after the
+// cooldown, which has grown by then.
+func TestBreakerReleasedByNewSettings(t *testing.T) {
+	wrong := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	right := newTestTarget(t, nil)
+	tc := fastTarget("t", wrong.URL)
+	tc.BackoffMin, tc.BackoffMax = 50*time.Millisecond, time.Hour
+	tc.Concurrency = 1
+	cfg := Config{Targets: []TargetConfig{tc}}
+	e := openEngine(t, cfg, Options{OpenStore: boltStore(tempBolt(t))})
+	const events = 30
+	for i := range events {
+		mustAccept(t, e, v3Body(fmt.Sprint(i)))
+	}
+	// Ten failures trip the breaker; six probes later (50ms, 100ms, ...,
+	// 1.6s apart) the next one is 3.2-6.4 s away.
+	waitFor(t, "six probes", 20*time.Second, func() bool { return wrong.count() >= tripAfter+6 })
+	if !targetStats(e, "t").Held {
+		t.Fatal("not held after 16 failures")
+	}
+	cfg.Targets[0].URL = right.URL
+	if err := e.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every event at the new URL", 2*time.Second, func() bool { return e.PendingEvents() == 0 })
+	if right.count() != events || targetStats(e, "t").Held {
+		t.Errorf("new URL got %d requests for %d events; held %v", right.count(), events, targetStats(e, "t").Held)
+	}
+}

@@ -487,7 +487,20 @@ func (q *queue) failed(now int64, quiet time.Duration, cooldown func(n int) time
 func (q *queue) answered(now int64) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.fails, q.lastOK = 0, now
+	q.lastOK = now
+	return q.releaseLocked()
+}
+
+// release forgets the failures (the target's settings changed) and
+// reports whether that released a held target.
+func (q *queue) release() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.releaseLocked()
+}
+
+func (q *queue) releaseLocked() bool {
+	q.fails = 0
 	if !q.held {
 		return false
 	}

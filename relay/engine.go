@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -348,7 +349,10 @@ func (e *Engine) Update(cfg Config) error {
 		tc := c.Targets[i]
 		keep[tc.Name] = true
 		if t := e.targets[tc.Name]; t != nil {
-			t.cfg.Store(&tc)
+			if !reflect.DeepEqual(*t.cfg.Swap(&tc), tc) && t.q.release() {
+				// A new URL, timeout or header may be the fix.
+				e.log.Info("target changed: its held deliveries resume", zap.String("target", tc.Name))
+			}
 			e.startWorkers(t)
 			t.q.wake()
 			continue
