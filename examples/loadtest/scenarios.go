@@ -276,6 +276,9 @@ func (r *runner) runLatency(ctx context.Context, kind string, mode int32) error 
 	}
 	r.latencyP99[mode] = rw.p99
 	rw.notes = append(rw.notes, fmt.Sprintf("max %s", fmtDur(res.hist.max)))
+	if p99, err := s.ackP99(); err == nil {
+		rw.notes = append(rw.notes, fmt.Sprintf("inside Caddy p99 <= %s (ack_duration_seconds bucket)", fmtDur(p99)))
+	}
 	rw.notes = append(rw.notes, fmt.Sprintf("target: %d delivered, %d refused", r.target.unique.Load(), r.target.refused.Load()))
 	if p, err := s.pending(); err == nil {
 		rw.notes = append(rw.notes, fmt.Sprintf("%d pending at the end", p))

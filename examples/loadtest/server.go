@@ -362,3 +362,59 @@ func fetchTo(c *http.Client, url, path string) error {
 	}
 	return f.Close()
 }
+
+// ackP99 reads the relay's own ack_duration_seconds histogram from Caddy's
+// metrics and returns the upper bound of the bucket holding its 99th
+// percentile: the time inside Caddy, without the network and the load
+// generator's scheduling.
+func (s *server) ackP99() (time.Duration, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	type bucket struct {
+		le    float64
+		count float64
+	}
+	var buckets []bucket
+	var total float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "caddy_webhook_relay_ack_duration_seconds_") {
+			continue
+		}
+		name, value, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(name, "caddy_webhook_relay_ack_duration_seconds_count"):
+			total += v
+		case strings.HasPrefix(name, "caddy_webhook_relay_ack_duration_seconds_bucket"):
+			_, le, _ := strings.Cut(name, `le="`)
+			le, _, _ = strings.Cut(le, `"`)
+			if bound, err := strconv.ParseFloat(le, 64); err == nil {
+				buckets = append(buckets, bucket{bound, v})
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	if total == 0 {
+		return 0, fmt.Errorf("no acks in the histogram")
+	}
+	for _, b := range buckets { // cumulative, in increasing le
+		if b.count >= 0.99*total {
+			return time.Duration(b.le * float64(time.Second)), nil
+		}
+	}
+	return 0, fmt.Errorf("99th percentile above the last bucket")
+}
