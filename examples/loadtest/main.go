@@ -56,6 +56,7 @@ type options struct {
 	fillTimeout    time.Duration
 	sustainSteps   int
 	pprofDir       string
+	rounds         int
 }
 
 func main() {
@@ -79,6 +80,7 @@ func run() int {
 	flag.IntVar(&o.concurrency, "concurrency", 32, "the relay target's delivery concurrency")
 	flag.DurationVar(&o.drainTimeout, "drain-timeout", 60*time.Second, "longest wait for the pending backlog to drain")
 	flag.DurationVar(&o.fillTimeout, "fill-timeout", 30*time.Second, "longest time to send the backlog, and again the restart-pending events")
+	flag.IntVar(&o.rounds, "rounds", 3, "burst rounds, each running every server once; the targets use the median of the rounds' ratios")
 	flag.IntVar(&o.sustainSteps, "sustain-steps", 3, "rates tried by the sustained scenario (a search between the burst's delivery and ack rates)")
 	flag.StringVar(&o.pprofDir, "pprof", "", "save Caddy's CPU and allocation profiles of each burst into this directory")
 	flag.Parse()
@@ -179,11 +181,20 @@ func (r *runner) main(ctx context.Context) int {
 		var err error
 		switch s {
 		case "burst":
-			for _, k := range []string{kindRespond, kindProxy, kindBolt, kindMemory} {
-				if err = r.runBurst(ctx, k); err != nil {
-					break
+			// Rounds interleave the servers, so that a noisy minute on a
+			// shared machine falls on all of them.
+			var rounds []map[string]*burstFigures
+			for r.round = 1; r.round <= max(o.rounds, 1) && err == nil; r.round++ {
+				r.burst = map[string]*burstFigures{}
+				for _, k := range []string{kindRespond, kindProxy, kindBolt, kindMemory} {
+					if err = r.runBurst(ctx, k); err != nil {
+						break
+					}
 				}
+				rounds = append(rounds, r.burst)
 			}
+			r.round = 0
+			r.mergeRounds(rounds)
 		case "latency":
 			if err = r.runLatency(ctx, kindRespond, modeHealthy); err != nil {
 				break

@@ -22,6 +22,10 @@ type runner struct {
 
 	rows  []row
 	burst map[string]*burstFigures
+	// round is the burst round under way (0 outside the burst), and
+	// burstRatios each relay's ratios to respond, one per round.
+	round       int
+	burstRatios map[string][]float64
 
 	// Figures for the targets summary.
 	latencyP99 map[int32]time.Duration
@@ -210,7 +214,11 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 		profiled = s.profile(r.opts.pprofDir, "burst-"+kind, r.opts.duration-time.Second/2)
 	}
 	u0 := r.target.unique.Load()
-	res, rw := r.measure(ctx, s, "burst", loadSpec{conns: r.opts.conns, duration: r.opts.duration, resend: r.opts.resend})
+	scenario := "burst"
+	if r.opts.rounds > 1 {
+		scenario = fmt.Sprintf("burst, round %d", r.round)
+	}
+	res, rw := r.measure(ctx, s, scenario, loadSpec{conns: r.opts.conns, duration: r.opts.duration, resend: r.opts.resend})
 	if profiled != nil {
 		<-profiled
 	}
@@ -249,6 +257,48 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 	r.finish(s, &rw)
 	r.rows = append(r.rows, rw)
 	return ctx.Err()
+}
+
+// mergeRounds keeps each round's ratios to that round's respond, and
+// leaves in r.burst the median figures of each server over the rounds (the
+// largest peak RSS).
+func (r *runner) mergeRounds(rounds []map[string]*burstFigures) {
+	r.burstRatios = map[string][]float64{}
+	merged := map[string]*burstFigures{}
+	for _, k := range []string{kindRespond, kindProxy, kindBolt, kindMemory} {
+		var acks, delivered, accepted []float64
+		var p99s []time.Duration
+		m := &burstFigures{}
+		for _, round := range rounds {
+			f := round[k]
+			if f == nil {
+				continue
+			}
+			acks = append(acks, f.acks)
+			delivered = append(delivered, f.delivered)
+			accepted = append(accepted, f.acceptedFraction)
+			p99s = append(p99s, f.p99)
+			m.rss = max(m.rss, f.rss)
+			if resp := round[kindRespond]; resp != nil && resp.acks > 0 {
+				r.burstRatios[k] = append(r.burstRatios[k], f.acks/resp.acks)
+			}
+		}
+		if len(acks) == 0 {
+			continue
+		}
+		m.acks, m.delivered, m.acceptedFraction = median(acks), median(delivered), median(accepted)
+		slices.Sort(p99s)
+		m.p99 = p99s[len(p99s)/2]
+		merged[k] = m
+	}
+	r.burst = merged
+}
+
+// median of xs (the upper one of an even count).
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 var modeNames = map[int32]string{modeHealthy: "target healthy", modeSlow: "target slow 2s", modeDown: "target down 503"}
