@@ -231,12 +231,12 @@ func (s *Bolt) writer() {
 		if first.later {
 			batch = s.waitForCompany(batch, wait)
 		}
-		// Under load, let the goroutines that are ready to run queue their
-		// writes before this commit starts. Without it, with one CPU the
-		// writer runs as soon as the first write is queued (the scheduler
-		// runs a goroutine woken by a channel next), commits it alone,
-		// and every request pays a whole fsync of its own. When the last
-		// commit had one write somebody waited for, the load is light:
+		// Let the goroutines that are ready to run queue their writes
+		// before this commit starts. Without it, with one CPU the writer
+		// runs as soon as the first write is queued (the scheduler runs
+		// a goroutine woken by a channel next), commits it alone, and
+		// every request pays a whole fsync of its own.
+		// When the last commit had one waiting write, the load is light:
 		// commit at once rather than wait behind every runnable goroutine.
 		for range 4 {
 			if s.lastWaited <= 1 {
