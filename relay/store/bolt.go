@@ -58,8 +58,6 @@ type Bolt struct {
 	closed bool
 	quit   chan struct{}
 	done   chan struct{}
-
-	lastWaited int // writes somebody waited for in the last commit (writer only)
 }
 
 type op struct {
@@ -236,12 +234,7 @@ func (s *Bolt) writer() {
 		// runs as soon as the first write is queued (the scheduler runs
 		// a goroutine woken by a channel next), commits it alone, and
 		// every request pays a whole fsync of its own.
-		// When the last commit had one waiting write, the load is light:
-		// commit at once rather than wait behind every runnable goroutine.
 		for range 4 {
-			if s.lastWaited <= 1 {
-				break
-			}
 			n := len(s.ops)
 			runtime.Gosched()
 			if len(s.ops) == n {
@@ -255,12 +248,6 @@ func (s *Bolt) writer() {
 				batch = append(batch, o)
 			default:
 				break fill
-			}
-		}
-		s.lastWaited = 0
-		for _, o := range batch {
-			if !o.later {
-				s.lastWaited++
 			}
 		}
 		s.commit(batch)
