@@ -16,7 +16,7 @@
 // would saturate its own core first. Every row records how busy the
 // generator's process and each core were, so a generator-bound run shows.
 //
-//	go run ./examples/loadtest                       # about 4 minutes
+//	go run ./examples/loadtest                       # about 5 minutes
 //	go run ./examples/loadtest -duration 60s -restart-pending 1000000 -fill-timeout 10m
 //	go run ./examples/loadtest -scenarios burst -pprof /tmp/prof   # with Caddy's profiles
 //
