@@ -39,8 +39,19 @@ var (
 // every page half empty.
 const appendFill = 0.95
 
-// initialMmap is 1 GiB on 64-bit systems, 0 (bbolt's growth) on others.
-const initialMmap = (1 << 30) * (strconv.IntSize / 64)
+// initialMmap is how much of the file at path bbolt maps up front: twice
+// its size and at least 1 GiB on 64-bit systems (address space is cheap
+// there), bbolt's own growth on others.
+func initialMmap(path string) int {
+	if strconv.IntSize < 64 {
+		return 0
+	}
+	size := int64(0)
+	if fi, err := os.Stat(path); err == nil {
+		size = fi.Size()
+	}
+	return int(max(1<<30, 2*size))
+}
 
 // maxBatch bounds how many writes share one transaction (and one fsync).
 const maxBatch = 1024
@@ -105,9 +116,8 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		NoFreelistSync: true,
 		// Growing the file past its mapping remaps it, which waits for
 		// every read transaction: one loading a backlog would hold up
-		// every write. Address space is cheap on 64-bit systems, so map
-		// the first GiB up front.
-		InitialMmapSize: initialMmap,
+		// every write.
+		InitialMmapSize: initialMmap(path),
 	})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("opening store %s: file is locked by another process (another Caddy using the same storage?): %w", path, err)
