@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestBreakerHoldsFailingTarget: a target that fails every attempt gets
@@ -30,13 +32,19 @@ func TestBreakerHoldsFailingTarget(t *testing.T) {
 	tc.BackoffMin, tc.BackoffMax = 20*time.Millisecond, 100*time.Millisecond
 	tc.MaxAttempts = 1000
 	tc.Concurrency = 8
-	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: boltStore(tempBolt(t))})
+	m := NewMetrics()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(m.Collectors()...)
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: boltStore(tempBolt(t)), Metrics: m})
 	const events = 100
 	for i := range events {
 		mustAccept(t, e, v3Body(fmt.Sprint(i)))
 	}
 	waitFor(t, "the breaker to trip", 10*time.Second, func() bool { return targetStats(e, "t").Held })
 	tripped := target.count()
+	if got := gather(t, reg, "caddy_webhook_relay_target_held"); got["t"] != 1 {
+		t.Errorf("target_held = %v while held, want 1", got)
+	}
 	// In-flight attempts may still land; then probes, one at a time.
 	waitFor(t, "five probes", 10*time.Second, func() bool { return target.count() >= tripped+tc.Concurrency+5 })
 	mu.Lock()
@@ -55,6 +63,9 @@ func TestBreakerHoldsFailingTarget(t *testing.T) {
 	waitFor(t, "the backlog delivered", 10*time.Second, func() bool { return e.PendingEvents() == 0 })
 	if st := targetStats(e, "t"); st.Held || st.DeadLetters != 0 || st.Pending != 0 {
 		t.Errorf("after recovery: %+v", st)
+	}
+	if got := gather(t, reg, "caddy_webhook_relay_target_held"); got["t"] != 0 {
+		t.Errorf("target_held = %v after recovery, want 0", got)
 	}
 	delivered := map[string]int{}
 	for _, r := range target.requests()[target.count()-events:] {

@@ -656,10 +656,12 @@ func (e *Engine) collect(ch chan<- prometheus.Metric) {
 	type tc struct {
 		name string
 		c    *counts
+		held bool
 	}
 	var all []tc
 	for n, c := range e.counts {
-		all = append(all, tc{n, c})
+		t := e.targets[n]
+		all = append(all, tc{n, c, t != nil && t.q.isHeld()})
 	}
 	e.mu.RUnlock()
 	if !open {
@@ -675,5 +677,10 @@ func (e *Engine) collect(ch chan<- prometheus.Metric) {
 			age = max(now.Sub(at).Seconds(), 0)
 		}
 		ch <- prometheus.MustNewConstMetric(descOldest, prometheus.GaugeValue, age, name, t.name)
+		held := 0.0
+		if t.held {
+			held = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descHeld, prometheus.GaugeValue, held, name, t.name)
 	}
 }

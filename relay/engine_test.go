@@ -735,6 +735,7 @@ func TestMetrics(t *testing.T) {
 		{"caddy_webhook_relay_pending", map[string]float64{"ok": 0, "down": 2, "bad": 0}},
 		{"caddy_webhook_relay_dead_letters", map[string]float64{"ok": 0, "down": 0, "bad": 2}},
 		{"caddy_webhook_relay_oldest_pending_seconds", map[string]float64{"ok": 0, "down": 90, "bad": 0}},
+		{"caddy_webhook_relay_target_held", map[string]float64{"ok": 0, "down": 0, "bad": 0}},
 		{"caddy_webhook_relay_dedupe_entries", map[string]float64{"": 2}},
 		{"caddy_webhook_relay_received_total", map[string]float64{
 			"accepted": 2, "duplicate": 1, "unauthorized": 1, "invalid": 0, "too_large": 0, "unavailable": 0,

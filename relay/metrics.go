@@ -78,6 +78,8 @@ var (
 		"Dedupe keys held in the in-memory LRU.", []string{"relay"}, nil)
 	descOldest = prometheus.NewDesc(namespace+"_oldest_pending_seconds",
 		"Age of the oldest event still waiting for a target.", []string{"relay", "target"}, nil)
+	descHeld = prometheus.NewDesc(namespace+"_target_held",
+		"1 while a target is taken for down: its deliveries wait while one probe at a time finds out whether it is back.", []string{"relay", "target"}, nil)
 )
 
 // Collectors returns everything to register: the vectors and the gauges.
@@ -122,6 +124,7 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descDead
 	ch <- descDedupe
 	ch <- descOldest
+	ch <- descHeld
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {
