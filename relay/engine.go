@@ -176,8 +176,14 @@ func (e *Engine) Open() error {
 		loading[tc.Name] = t
 		e.startWorkers(t)
 	}
+	// The gauges of targets with dead letters, removed ones too, exist
+	// before the load, so that a change made meanwhile has one to move.
+	dead := map[string]*counts{}
+	for _, name := range bl.DeadTargets() {
+		dead[name] = e.countsOf(name)
+	}
 	e.wg.Add(2)
-	go e.load(bl, loading)
+	go e.load(bl, loading, dead)
 	go e.janitor()
 	e.state = stateOpen
 	e.m.add(e)
@@ -229,11 +235,12 @@ const loadBatch = 4096
 // load queues the backlog taken when the engine opened, while the engine
 // already takes and delivers new events. The backlog holds exactly what was
 // stored before Open returned, so no delivery is queued twice; it adds its
-// counts to the gauges, which every write since has moved by its own
-// change. It never waits for the engine's lock while it holds the backlog:
-// bbolt cannot grow its file while a snapshot is open, and an Update holding
-// the lock may be waiting for a write.
-func (e *Engine) load(bl store.Backlog, targets map[string]*target) {
+// counts to the gauges (dead letters first, pending ones as they are
+// queued), which every write since has moved by its own change. It never
+// takes the engine's lock while it holds the backlog: bbolt cannot grow its
+// mapping while a snapshot is open, and an Update holding the lock may be
+// waiting for a write.
+func (e *Engine) load(bl store.Backlog, targets map[string]*target, deadCounts map[string]*counts) {
 	defer e.wg.Done()
 	defer close(e.loaded)
 	start := time.Now()
@@ -251,6 +258,11 @@ func (e *Engine) load(bl store.Backlog, targets map[string]*target) {
 		}
 	}
 	dead, err := bl.Dead()
+	for name, k := range dead {
+		if c := deadCounts[name]; c != nil {
+			c.dead.Add(int64(k))
+		}
+	}
 	if err == nil {
 		err = bl.Pending(func(d *store.Delivery) error {
 			if err := e.ctx.Err(); err != nil {
@@ -277,11 +289,6 @@ func (e *Engine) load(bl store.Backlog, targets map[string]*target) {
 			zap.String("relay", e.Name()), zap.Error(err))
 		return
 	}
-	e.mu.Lock()
-	for name, k := range dead {
-		e.countsOf(name).dead.Add(int64(k))
-	}
-	e.mu.Unlock()
 	if n > 0 {
 		e.log.Info("pending deliveries queued",
 			zap.String("relay", e.Name()), zap.Int("count", n), zap.Duration("took", time.Since(start)))

@@ -87,6 +87,20 @@ func TestBacklogLoadsWhileServing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Dead letters of a target the config no longer has.
+	var gone []store.ID
+	for i := range 3 {
+		var id store.ID
+		copy(id[:], fmt.Sprintf("gone-%011d", i))
+		now := time.Now()
+		if _, err := bolt.Accept(&store.Event{ID: id, ReceivedAt: now, Body: []byte(`{}`)}, []string{"gone"}, now.Add(time.Hour), now); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := bolt.Settle(&store.Delivery{ID: id, Target: "gone", ReceivedAt: now, Attempts: 1}, store.Dead); err != nil {
+			t.Fatal(err)
+		}
+		gone = append(gone, id)
+	}
 	gs := &gatedStore{Store: bolt, after: 100, reached: make(chan struct{}), gate: make(chan struct{})}
 	cfg := Config{Targets: []TargetConfig{fastTarget("a", a.URL), fastTarget("b", b.URL)}}
 	e, err := New(cfg, Options{OpenStore: func() (store.Store, error) { return gs, nil }})
@@ -102,13 +116,17 @@ func TestBacklogLoadsWhileServing(t *testing.T) {
 	}
 	<-gs.reached
 
-	// While loading: new events, a replay, and target b removed.
+	// While loading: new events, a replay, a dead letter deleted, and
+	// target b removed.
 	var fresh []store.ID
 	for i := range 30 {
 		fresh = append(fresh, mustAccept(t, e, v3Body(fmt.Sprintf("new-%d", i))))
 	}
 	if n, err := e.Replay(nil, "a"); err != nil || n != len(dead) {
 		t.Fatalf("Replay during the load = %d, %v; want %d", n, err, len(dead))
+	}
+	if n, err := e.DeleteDead(gone[0], "gone"); err != nil || n != 1 {
+		t.Fatalf("DeleteDead during the load = %d, %v; want 1", n, err)
 	}
 	cfg.Targets = cfg.Targets[:1]
 	if err := e.Update(cfg); err != nil {
@@ -153,7 +171,10 @@ func TestBacklogLoadsWhileServing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"a", "b"} {
+	if stats.Dead["gone"] != len(gone)-1 {
+		t.Errorf("store holds %d dead letters at gone, want %d", stats.Dead["gone"], len(gone)-1)
+	}
+	for _, name := range []string{"a", "b", "gone"} {
 		ts := targetStats(e, name)
 		if ts.Pending != int64(stats.Pending[name]) || ts.DeadLetters != int64(stats.Dead[name]) {
 			t.Errorf("target %s: gauges pending %d dead %d, store pending %d dead %d",

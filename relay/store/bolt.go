@@ -639,11 +639,15 @@ func (b boltBacklog) PendingEvents() int {
 	return int(binary.BigEndian.Uint64(v))
 }
 
-func (b boltBacklog) Targets() []string {
+func (b boltBacklog) Targets() []string { return nonEmpty(b.tx.Bucket(bucketPending)) }
+
+func (b boltBacklog) DeadTargets() []string { return nonEmpty(b.tx.Bucket(bucketDead)) }
+
+// nonEmpty returns the names of top's non-empty sub-buckets.
+func nonEmpty(top *bolt.Bucket) []string {
 	var out []string
-	pending := b.tx.Bucket(bucketPending)
-	_ = pending.ForEachBucket(func(k []byte) error {
-		if first, _ := pending.Bucket(k).Cursor().First(); first != nil {
+	_ = top.ForEachBucket(func(k []byte) error {
+		if first, _ := top.Bucket(k).Cursor().First(); first != nil {
 			out = append(out, string(k))
 		}
 		return nil

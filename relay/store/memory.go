@@ -226,6 +226,7 @@ type memBacklog struct {
 
 func (b *memBacklog) PendingEvents() int            { return b.pendingEvents }
 func (b *memBacklog) Targets() []string             { return b.targets }
+func (b *memBacklog) DeadTargets() []string         { return sortedKeys(b.dead) }
 func (b *memBacklog) Dead() (map[string]int, error) { return b.dead, nil }
 func (b *memBacklog) Close() error                  { return nil }
 

@@ -109,6 +109,8 @@ type Backlog interface {
 	PendingEvents() int
 	// Targets returns the names of the targets with pending deliveries.
 	Targets() []string
+	// DeadTargets returns the names of the targets with dead letters.
+	DeadTargets() []string
 	// Dead returns the dead-letter count of each target that has any.
 	Dead() (map[string]int, error)
 	// Pending calls fn for every pending delivery, target by target,

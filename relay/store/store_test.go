@@ -137,6 +137,14 @@ func checkStats(t *testing.T, s Store, now time.Time, pendingEvents int, pend, d
 	if got, err := b.Dead(); err != nil || fmt.Sprint(got) != fmt.Sprint(dead) {
 		t.Errorf("Backlog.Dead = %v, %v; want %v", got, err, dead)
 	}
+	var deadTargets []string
+	for name := range dead {
+		deadTargets = append(deadTargets, name)
+	}
+	sort.Strings(deadTargets)
+	if got := b.DeadTargets(); fmt.Sprint(got) != fmt.Sprint(deadTargets) {
+		t.Errorf("Backlog.DeadTargets = %v, want %v", got, deadTargets)
+	}
 }
 
 func allDead(t *testing.T, s Store, target string) []DeadLetter {
