@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -80,6 +81,23 @@ const (
 // that a restarted Caddy comes back where its senders expect it.
 type ports struct {
 	relay, admin int
+}
+
+// freePorts picks two ports the kernel has free on 127.0.0.1, so that two
+// runs of the suite on one machine do not collide. Caddy binds them a
+// moment later; SO_REUSEADDR makes the reuse safe.
+func freePorts(t *testing.T) ports {
+	t.Helper()
+	var got [2]int
+	for i := range got {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("finding a free port: %v", err)
+		}
+		got[i] = l.Addr().(*net.TCPAddr).Port
+		defer l.Close() // both held until both are picked: never the same port twice
+	}
+	return ports{relay: got[0], admin: got[1]}
 }
 
 func (p ports) relayURL() string { return fmt.Sprintf("http://127.0.0.1:%d/", p.relay) }

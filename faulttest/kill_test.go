@@ -20,7 +20,7 @@ func TestKill9UnderLoad(t *testing.T) {
 	needCaddy(t)
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 0x4b111)) // not a sender's stream
-	p := ports{relay: 19101, admin: 29101}
+	p := freePorts(t)
 	crm := newTarget(t, "crm", modeOK)
 	crm.delay.Store(int64(5 * time.Millisecond))
 	relay := fmt.Sprintf(`	webhook_relay kill {

@@ -22,7 +22,7 @@ func TestLongOutage(t *testing.T) {
 }
 
 func testOutageRecovery(t *testing.T) {
-	p := ports{relay: 19401, admin: 29401}
+	p := freePorts(t)
 	legacy := newTarget(t, "legacy", modeDown)
 	relay := fmt.Sprintf(`	webhook_relay outage {
 		auth_header %s %s
@@ -107,7 +107,7 @@ func testOutageRecovery(t *testing.T) {
 }
 
 func testOutageIsolation(t *testing.T) {
-	p := ports{relay: 19402, admin: 29402}
+	p := freePorts(t)
 	healthy := newTarget(t, "healthy", modeOK)
 	dead := newTarget(t, "dead", modeHang)
 	storeDir, home := t.TempDir(), t.TempDir()

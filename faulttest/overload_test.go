@@ -19,7 +19,7 @@ import (
 // sent again are never delivered, nor even attempted.
 func TestOverload(t *testing.T) {
 	needCaddy(t)
-	p := ports{relay: 19501, admin: 29501}
+	p := freePorts(t)
 	legacy := newTarget(t, "legacy", modeDown)
 	const maxPending = 50
 	relay := fmt.Sprintf(`	webhook_relay overload {

@@ -23,7 +23,7 @@ import (
 func TestReloadUnderLoad(t *testing.T) {
 	needCaddy(t)
 	seed := testSeed(t)
-	p := ports{relay: 19201, admin: 29201}
+	p := freePorts(t)
 	crm := newTarget(t, "crm", modeOK)
 	audit := newTarget(t, "audit", modeOK)
 	extra := newTarget(t, "extra", modeOK)

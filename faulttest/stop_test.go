@@ -21,7 +21,7 @@ import (
 func TestGracefulStop(t *testing.T) {
 	needCaddy(t)
 	seed := testSeed(t)
-	p := ports{relay: 19301, admin: 29301}
+	p := freePorts(t)
 	slow := newTarget(t, "slow", modeHold)
 	storeDir := t.TempDir()
 	relay := fmt.Sprintf(`	webhook_relay stop {

@@ -188,7 +188,7 @@ func (d *diskFull) afterFault(refused []event) {
 // relay runs; from then on new events get 503 with Retry-After (but for a
 // few that fit in pages free inside the store's file).
 func testDiskFullByFiller(t *testing.T) {
-	d := newDiskFull(t, ports{relay: 19601, admin: 29601}, "4m")
+	d := newDiskFull(t, freePorts(t), "4m")
 	d.sendAll("disk-before", 20, 1000)
 	filler := filepath.Join(d.mnt, "filler")
 	filled := fill(t, filler)
@@ -223,7 +223,7 @@ func testDiskFullByFiller(t *testing.T) {
 // is full, then 503; removing a ballast file laid down at the start frees
 // space again.
 func testDiskFullByRelay(t *testing.T) {
-	d := newDiskFull(t, ports{relay: 19602, admin: 29602}, "3m")
+	d := newDiskFull(t, freePorts(t), "3m")
 	ballast := filepath.Join(d.mnt, "ballast")
 	if err := os.WriteFile(ballast, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
@@ -306,7 +306,7 @@ func testReadOnlyAtStart(t *testing.T) {
 	default:
 		t.Skipf("root ignores permissions and cannot mount here (%v): no way to make the store unwritable", err)
 	}
-	p := ports{relay: 19603, admin: 29603}
+	p := freePorts(t)
 	legacy := newTarget(t, "legacy", modeOK)
 	relay := fmt.Sprintf(`	webhook_relay readonly {
 		auth_header %s %s
