@@ -553,10 +553,9 @@ func (s *Bolt) SettleLater(d *Delivery, o Outcome, then func(Change, error)) {
 	})
 }
 
-// settleTx records an outcome; it sets *chp afresh on every run.
-func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, chp *Change) error {
-	*chp = Change{}
-	ch := chp
+// settleTx records an outcome; it sets *ch afresh on every run.
+func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *Change) error {
+	*ch = Change{}
 	e, err := lookup(tx, d.ID)
 	if err != nil || e == nil {
 		return err
@@ -655,11 +654,13 @@ func nonEmpty(top *bolt.Bucket) []string {
 	return out
 }
 
-func (b boltBacklog) Dead() (map[string]int, error) {
+func (b boltBacklog) Dead() (map[string]int, error) { return keyCounts(b.tx.Bucket(bucketDead)) }
+
+// keyCounts counts the keys of each of top's non-empty sub-buckets.
+func keyCounts(top *bolt.Bucket) (map[string]int, error) {
 	out := map[string]int{}
-	dead := b.tx.Bucket(bucketDead)
-	err := dead.ForEachBucket(func(k []byte) error {
-		if n := dead.Bucket(k).Stats().KeyN; n > 0 {
+	err := top.ForEachBucket(func(k []byte) error {
+		if n := top.Bucket(k).Stats().KeyN; n > 0 {
 			out[string(k)] = n
 		}
 		return nil
@@ -979,31 +980,22 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 	}
 }
 
-// Stats implements Store. It reads the pending and dead buckets and the
-// key expiry index, never the events themselves: an engine calls it on
-// open, and reading every body of a large backlog would delay serving.
+// Stats implements Store. It counts afresh, reading every pending and
+// dead-letter entry (never the events' bodies): the pending events by
+// merging the pending buckets, not from the count the writes keep, so the
+// two can be checked against each other.
 func (s *Bolt) Stats(now time.Time) (Stats, error) {
-	st := Stats{Pending: map[string]int{}, Dead: map[string]int{}}
+	var st Stats
 	err := s.view(func(tx *bolt.Tx) error {
-		n, err := countPendingEvents(tx.Bucket(bucketPending))
-		if err != nil {
+		var err error
+		if st.PendingEvents, err = countPendingEvents(tx.Bucket(bucketPending)); err != nil {
 			return err
 		}
-		st.PendingEvents = n
-		for _, top := range []struct {
-			name []byte
-			into map[string]int
-		}{{bucketPending, st.Pending}, {bucketDead, st.Dead}} {
-			b := tx.Bucket(top.name)
-			err := b.ForEachBucket(func(k []byte) error {
-				if n := b.Bucket(k).Stats().KeyN; n > 0 {
-					top.into[string(k)] = n
-				}
-				return nil
-			})
-			if err != nil {
-				return err
-			}
+		if st.Pending, err = keyCounts(tx.Bucket(bucketPending)); err != nil {
+			return err
+		}
+		if st.Dead, err = keyCounts(tx.Bucket(bucketDead)); err != nil {
+			return err
 		}
 		st.Keys = tx.Bucket(bucketKeyExp).Stats().KeyN
 		return nil

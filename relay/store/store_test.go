@@ -126,24 +126,14 @@ func checkStats(t *testing.T, s Store, now time.Time, pendingEvents int, pend, d
 	if n := b.PendingEvents(); n != pendingEvents {
 		t.Errorf("Backlog.PendingEvents = %d, want %d", n, pendingEvents)
 	}
-	var targets []string
-	for name := range pend {
-		targets = append(targets, name)
-	}
-	sort.Strings(targets)
-	if got := b.Targets(); fmt.Sprint(got) != fmt.Sprint(targets) {
-		t.Errorf("Backlog.Targets = %v, want %v", got, targets)
+	if got, want := b.Targets(), sortedKeys(pend); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("Backlog.Targets = %v, want %v", got, want)
 	}
 	if got, err := b.Dead(); err != nil || fmt.Sprint(got) != fmt.Sprint(dead) {
 		t.Errorf("Backlog.Dead = %v, %v; want %v", got, err, dead)
 	}
-	var deadTargets []string
-	for name := range dead {
-		deadTargets = append(deadTargets, name)
-	}
-	sort.Strings(deadTargets)
-	if got := b.DeadTargets(); fmt.Sprint(got) != fmt.Sprint(deadTargets) {
-		t.Errorf("Backlog.DeadTargets = %v, want %v", got, deadTargets)
+	if got, want := b.DeadTargets(), sortedKeys(dead); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("Backlog.DeadTargets = %v, want %v", got, want)
 	}
 }
 
