@@ -3,6 +3,7 @@ package relay
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -140,5 +141,32 @@ func TestBreakerReleasedByNewSettings(t *testing.T) {
 	waitFor(t, "every event at the new URL", 2*time.Second, func() bool { return e.PendingEvents() == 0 })
 	if right.count() != events || targetStats(e, "t").Held {
 		t.Errorf("new URL got %d requests for %d events; held %v", right.count(), events, targetStats(e, "t").Held)
+	}
+}
+
+// TestBreakerExpiresHeldDeliveries: deliveries that pass max_age while
+// their target is held become dead letters one after the other, not one
+// per probe window (the attempt timeout).
+func TestBreakerExpiresHeldDeliveries(t *testing.T) {
+	target := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	tc := fastTarget("t", target.URL)
+	tc.BackoffMin, tc.BackoffMax = 20*time.Millisecond, 50*time.Millisecond
+	tc.MaxAge = 300 * time.Millisecond
+	tc.Timeout = 10 * time.Second // a probe holds the others for 11 s unless let go
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: boltStore(tempBolt(t))})
+	const events = 30
+	for i := range events {
+		mustAccept(t, e, v3Body(fmt.Sprint(i)))
+	}
+	waitFor(t, "the breaker to trip", 5*time.Second, func() bool { return targetStats(e, "t").Held })
+	waitFor(t, "every delivery dead-lettered for its age", 5*time.Second, func() bool {
+		return targetStats(e, "t").DeadLetters == events
+	})
+	for _, dl := range deadLetters(t, e) {
+		if !strings.Contains(dl.LastError, ReasonMaxAgeExceeded) {
+			t.Errorf("dead letter %s: %q, want %q", dl.ID, dl.LastError, ReasonMaxAgeExceeded)
+		}
 	}
 }

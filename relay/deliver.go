@@ -175,12 +175,17 @@ func (e *Engine) work(t *target) {
 		if !ok {
 			continue // ctx done, quit, or woken to look at the settings again
 		}
-		e.attempt(t, it)
+		if !e.attempt(t, it) {
+			t.q.unheld(e.now().UnixNano())
+		}
 	}
 }
 
-// attempt makes one delivery attempt and settles it in the store.
-func (e *Engine) attempt(t *target, it item) {
+// attempt makes one delivery attempt and settles it in the store. It
+// reports whether the target was asked; when it was not (the delivery
+// expired, or its event is gone or unreadable), a held target's next probe
+// may go at once.
+func (e *Engine) attempt(t *target, it item) (asked bool) {
 	tc := t.cfg.Load() // this attempt's settings, whatever a reload does meanwhile
 	d := it.delivery(t.name)
 	now := e.now()
@@ -188,22 +193,19 @@ func (e *Engine) attempt(t *target, it item) {
 		d.LastError = ReasonMaxAgeExceeded
 		d.LastAttemptAt = now
 		e.settle(t, tc, d, store.Dead)
-		t.q.unheld(now.UnixNano())
-		return
+		return false
 	}
 	ev, err := e.st.Event(d.ID)
 	if errors.Is(err, store.ErrNotFound) {
-		t.q.unheld(now.UnixNano())
-		return // deleted meanwhile
+		return false // deleted meanwhile
 	}
 	if err != nil {
-		t.q.unheld(now.UnixNano())
 		if e.ctx.Err() == nil {
 			e.log.Error("reading event for delivery", zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Error(err))
 			d.NextAt = now.Add(tc.BackoffMin)
 			t.q.push(itemOf(d))
 		}
-		return
+		return false
 	}
 	d.Attempts++
 	if d.FirstAttemptAt.IsZero() {
@@ -214,7 +216,7 @@ func (e *Engine) attempt(t *target, it item) {
 	resp, err := e.send(t.client, tc, ev, d.Attempts)
 	t.metrics.Load().attemptDur.Observe(time.Since(start).Seconds())
 	if errors.Is(err, errAbandoned) {
-		return // left pending as it was; the next start sends it again
+		return true // left pending as it was; the next start sends it again
 	}
 	verdict := Classify(resp, err)
 	d.LastStatus, d.LastError = 0, ""
@@ -241,11 +243,12 @@ func (e *Engine) attempt(t *target, it item) {
 		if next.Sub(d.ReceivedAt) > tc.MaxAge {
 			d.LastError = fmt.Sprintf("%s: %s", ReasonMaxAgeExceeded, d.LastError)
 			e.settle(t, tc, d, store.Dead)
-			return
+			return true
 		}
 		d.NextAt = next
 		e.settle(t, tc, d, store.Retry)
 	}
+	return true
 }
 
 // breaker feeds an attempt's verdict to the target's breaker (see queue)
