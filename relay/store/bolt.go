@@ -69,6 +69,8 @@ type Bolt struct {
 	closed bool
 	quit   chan struct{}
 	done   chan struct{}
+
+	settleDelay time.Duration // settleDelay; tests make it long
 }
 
 type op struct {
@@ -151,6 +153,8 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		ops:  make(chan *op, maxBatch),
 		quit: make(chan struct{}),
 		done: make(chan struct{}),
+
+		settleDelay: settleDelay,
 	}
 	go s.writer()
 	return s, nil
@@ -268,7 +272,7 @@ func (s *Bolt) writer() {
 // until one that somebody waits for arrives, settleDelay passes, or the
 // batch is full.
 func (s *Bolt) waitForCompany(batch []*op, wait *time.Timer) []*op {
-	wait.Reset(settleDelay)
+	wait.Reset(s.settleDelay)
 	defer wait.Stop()
 	for len(batch) < maxBatch {
 		select {

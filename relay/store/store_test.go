@@ -1,9 +1,11 @@
 package store
 
 import (
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -267,13 +269,33 @@ func TestSettleLater(t *testing.T) {
 			ch  Change
 			err error
 		}
+		if b, ok := s.(*Bolt); ok {
+			b.settleDelay = time.Hour
+		}
 		got := make(chan result, 3)
 		then := func(ch Change, err error) { got <- result{ch, err} }
 		s.SettleLater(&Delivery{ID: id(1), Target: "a", Attempts: 1, NextAt: t0.Add(time.Minute)}, Retry, then)
 		s.SettleLater(&Delivery{ID: id(1), Target: "a", Attempts: 2}, Delivered, then)
 		s.SettleLater(&Delivery{ID: id(2), Target: "a", Attempts: 1}, Delivered, then)
-		// An ack queued behind them commits them with it.
-		accept(t, s, event(3, t0), "b")
+		// An ack queued behind them commits them with it at once: with
+		// bbolt holding outcomes an hour for company, the ack still
+		// returns, and by then their callbacks have run.
+		acked := make(chan error, 1)
+		go func() {
+			_, err := s.Accept(event(3, t0), []string{"b"}, t0.Add(time.Hour), t0)
+			acked <- err
+		}()
+		select {
+		case err := <-acked:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the ack waited for the outcomes' delay")
+		}
+		if n := len(got); n != 3 {
+			t.Errorf("%d of 3 outcomes reported when the ack after them returned", n)
+		}
 		want := []Change{{}, {Pending: -1}, {Pending: -1, PendingEvents: -1}}
 		for i, w := range want {
 			r := <-got
@@ -790,6 +812,50 @@ func TestBoltCountsPendingEventsOnce(t *testing.T) {
 	}
 	defer s.Close()
 	checkStats(t, s, t0, 4, map[string]int{"a": 1, "b": 4}, map[string]int{})
+}
+
+// TestBoltCloseWritesFreelist: commits leave bbolt's freelist unwritten
+// (the next open would rebuild it by reading every page), Close writes it.
+// Read off the meta page bbolt uses, the one with the higher txid.
+func TestBoltCloseWritesFreelist(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "relay.db")
+	s, err := OpenBolt(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := range 50 {
+		if _, err := s.Accept(event(n, t0), []string{"a"}, t0.Add(time.Hour), t0); err != nil {
+			t.Fatal(err)
+		}
+		settle(t, s, &Delivery{ID: id(n), Target: "a"}, Delivered, Change{Pending: -1, PendingEvents: -1})
+	}
+	const noFreelist = ^uint64(0)
+	freelist := func() uint64 {
+		f, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// page header 16 bytes, then magic, version, page size, flags (4
+		// each), root bucket (16), freelist pgid, pgid, txid (8 each).
+		pageSize := int(binary.LittleEndian.Uint32(f[16+8:]))
+		var best, txid uint64
+		for _, off := range []int{0, pageSize} {
+			m := f[off+16:]
+			if tx := binary.LittleEndian.Uint64(m[48:]); tx >= txid {
+				txid, best = tx, binary.LittleEndian.Uint64(m[32:])
+			}
+		}
+		return best
+	}
+	if got := freelist(); got != noFreelist {
+		t.Errorf("freelist page %d after commits, want none written", got)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := freelist(); got == noFreelist {
+		t.Error("no freelist written at Close: the next open reads the whole file")
+	}
 }
 
 func TestBoltOpenTwiceFails(t *testing.T) {
