@@ -6,15 +6,20 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // Server variants.
@@ -118,6 +123,11 @@ type server struct {
 	log     *os.File
 	logPath string // one log per process, beside the Caddyfile
 	started time.Time
+}
+
+// adminURL is path on the server's admin endpoint.
+func (c *serverConf) adminURL(path string) string {
+	return "http://127.0.0.1:" + strconv.Itoa(c.admin) + path
 }
 
 // newServerConf prepares a fresh directory and ports for a variant.
@@ -301,7 +311,7 @@ func (s *server) logProblems() map[string]int {
 // pending asks the admin API how many events the relay still owes.
 func (s *server) pending() (int64, error) {
 	c := &http.Client{Timeout: 2 * time.Second}
-	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/webhook_relay/")
+	resp, err := c.Get(s.conf.adminURL("/webhook_relay/"))
 	if err != nil {
 		return 0, err
 	}
@@ -326,7 +336,7 @@ func (s *server) pending() (int64, error) {
 // <prefix>.allocs.pprof; done is closed when both are written.
 func (s *server) profile(dir, prefix string, d time.Duration) (done chan struct{}) {
 	done = make(chan struct{})
-	base := "http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/debug/pprof/"
+	base := s.conf.adminURL("/debug/pprof/")
 	sec := max(1, int(d.Seconds()))
 	go func() {
 		defer close(done)
@@ -369,51 +379,37 @@ func fetchTo(c *http.Client, url, path string) error {
 // generator's scheduling.
 func (s *server) ackP99() (time.Duration, error) {
 	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://127.0.0.1:" + strconv.Itoa(s.conf.admin) + "/metrics")
+	resp, err := c.Get(s.conf.adminURL("/metrics"))
 	if err != nil {
 		return 0, err
 	}
 	defer resp.Body.Close()
-	type bucket struct {
-		le    float64
-		count float64
-	}
-	var buckets []bucket
-	var total float64
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "caddy_webhook_relay_ack_duration_seconds_") {
-			continue
-		}
-		name, value, ok := strings.Cut(line, " ")
-		if !ok {
-			continue
-		}
-		v, err := strconv.ParseFloat(value, 64)
-		if err != nil {
-			continue
-		}
-		switch {
-		case strings.HasPrefix(name, "caddy_webhook_relay_ack_duration_seconds_count"):
-			total += v
-		case strings.HasPrefix(name, "caddy_webhook_relay_ack_duration_seconds_bucket"):
-			_, le, _ := strings.Cut(name, `le="`)
-			le, _, _ = strings.Cut(le, `"`)
-			if bound, err := strconv.ParseFloat(le, 64); err == nil {
-				buckets = append(buckets, bucket{bound, v})
-			}
-		}
-	}
-	if err := sc.Err(); err != nil {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
 		return 0, err
+	}
+	f := families["caddy_webhook_relay_ack_duration_seconds"]
+	if f == nil {
+		return 0, fmt.Errorf("no ack_duration_seconds in Caddy's metrics")
+	}
+	// Every relay's histogram has the same buckets: add them up.
+	var total uint64
+	cumulative := map[float64]uint64{}
+	for _, m := range f.GetMetric() {
+		h := m.GetHistogram()
+		total += h.GetSampleCount()
+		for _, b := range h.GetBucket() {
+			cumulative[b.GetUpperBound()] += b.GetCumulativeCount()
+		}
 	}
 	if total == 0 {
 		return 0, fmt.Errorf("no acks in the histogram")
 	}
-	for _, b := range buckets { // cumulative, in increasing le
-		if b.count >= 0.99*total {
-			return time.Duration(b.le * float64(time.Second)), nil
+	bounds := slices.Sorted(maps.Keys(cumulative))
+	for _, le := range bounds {
+		if float64(cumulative[le]) >= 0.99*float64(total) {
+			return time.Duration(le * float64(time.Second)), nil
 		}
 	}
 	return 0, fmt.Errorf("99th percentile above the last bucket")
