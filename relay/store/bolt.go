@@ -2,15 +2,16 @@ package store
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -22,17 +23,27 @@ import (
 // the last leaf page, so a group commit of many events dirties a few pages,
 // not one per event per bucket. Only the id index takes random inserts.
 var (
-	bucketEvents  = []byte("events")  // ref -> counts, content type, body
-	bucketKeys    = []byte("keys")    // id -> key expiry + receipt time: dedupe key and id index
-	bucketKeyExp  = []byte("keyexp")  // expiry + id -> nil, to expire keys in order
-	bucketPending = []byte("pending") // target -> ref -> delivery
-	bucketDead    = []byte("dead")    // target -> ref -> delivery
-	bucketMeta    = []byte("meta")    // keyPendingEvents -> count
+	bucketEvents   = []byte("events")   // ref -> counts, content type, body
+	bucketKeys     = []byte("keys")     // id -> key expiry + receipt time: dedupe key and id index
+	bucketKeyExp   = []byte("keyexp")   // expiry + id -> nil, to expire keys in order
+	bucketPending  = []byte("pending")  // target -> ref -> delivery
+	bucketDead     = []byte("dead")     // target -> ref -> delivery
+	bucketMeta     = []byte("meta")     // keyFormat, keyPendingEvents
+	bucketState    = []byte("state")    // space NUL key -> revision, expiry, value
+	bucketStateExp = []byte("stateexp") // expiry + state key -> nil, to expire key states in order
 
 	// keyPendingEvents counts the events still owed to a target, kept in
 	// step by every write so that opening a store does not count them.
 	keyPendingEvents = []byte("pending_events")
+	// keyFormat is the file's format version: a relay refuses a file of a
+	// format newer than its own rather than misread it.
+	keyFormat = []byte("format")
 )
+
+// formatVersion is the format this code writes. Format 1 is the layout of
+// the files written before the version was recorded, plus the key-state
+// buckets: a file without the key is taken for format 1.
+const formatVersion = 1
 
 // appendFill is the fill of pages in buckets whose keys start with a time:
 // their inserts append, so bbolt's default half-full split would leave
@@ -56,26 +67,66 @@ func initialMmap(path string) int {
 // maxBatch bounds how many writes share one transaction (and one fsync).
 const maxBatch = 1024
 
+// loadBatch is how many backlog deliveries the load queues at a time.
+const loadBatch = 4096
+
+// sweepSlice bounds the keys (and key states) one transaction of
+// ExpireKeys forgets, so that a large sweep does not hold up the acks
+// queued behind it.
+const sweepSlice = 5000
+
+// BoltOptions configure a Bolt store.
+type BoltOptions struct {
+	// Timeout is how long OpenBolt waits for a file that another process
+	// holds locked; zero waits as long as it takes, as bbolt does.
+	Timeout time.Duration
+	// Now is the clock deliveries fall due by and key states expire by;
+	// nil is time.Now.
+	Now func() time.Time
+
+	// afterBatch, if set, is called by the backlog load after each batch
+	// it queues: tests hold the load there.
+	afterBatch func()
+}
+
 // Bolt is the durable store: one bbolt file. Writes from any number of
 // goroutines are queued to one writer, which commits everything queued
 // since its last commit in one transaction, so concurrent requests share an
-// fsync without any added delay when the load is light.
+// fsync without any added delay when the load is light. Its queues are in
+// memory, loaded from the file in the background after OpenBolt.
 type Bolt struct {
 	db   *bolt.DB
 	path string
+	now  func() time.Time
+	qs   *localQueues
 
 	ops    chan *op
-	mu     sync.RWMutex // excludes submit from Close
+	mu     sync.RWMutex // excludes submit and reads from Close
 	closed bool
 	quit   chan struct{}
-	done   chan struct{}
+	done   chan struct{} // closed when the writer has stopped
+	loaded chan struct{} // closed when the backlog is queued (or Close cut it short)
 
 	settleDelay time.Duration // settleDelay; tests make it long
+	afterBatch  func()
+
+	// The counts behind Counts, kept in step by the writes once they are
+	// durable: pendingEvents mirrors keyPendingEvents (plus the events
+	// being accepted, so that MaxPending holds while they are), dead the
+	// dead-letter count of each target.
+	pendingEvents atomic.Int64
+	deadMu        sync.Mutex
+	dead          map[string]int
 }
 
 type op struct {
-	fn   func(*bolt.Tx) error
-	done chan error
+	fn func(*bolt.Tx) error
+	// after applies what fn did to the queues and counts once it is
+	// durable. The writer calls it, in commit order, so that the queues
+	// see the writes in the order the file does (an ack's delivery is
+	// never queued after a retirement that dead-lettered it).
+	after func()
+	done  chan error
 	// later: nobody waits; the writer calls then once fn is durable and
 	// may hold the op back up to settleDelay for company.
 	later bool
@@ -91,34 +142,38 @@ const settleDelay = 5 * time.Millisecond
 
 // finish reports the outcome of o's commit.
 func (o *op) finish(err error) {
+	if err == nil && o.after != nil {
+		o.after()
+	}
 	if !o.later {
 		o.done <- err
 		return
 	}
 	then := o.then
-	o.fn, o.then, o.later = nil, nil, false
+	o.fn, o.after, o.then, o.later = nil, nil, nil, false
 	opPool.Put(o)
 	then(err)
 }
 
 var opPool = sync.Pool{New: func() any { return &op{done: make(chan error, 1)} }}
 
-// OpenBolt opens (creating if need be) the store file at path. It fails
-// after timeout if another process holds the file: bbolt would otherwise
-// wait forever.
-func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
+// OpenBolt opens (creating if need be) the store file at path, and starts
+// queueing its pending deliveries in the background (see Loaded): it takes
+// writes meanwhile. It fails after opts.Timeout if another process holds
+// the file.
+func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("creating store directory: %w", err)
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{
-		Timeout:      timeout,
+		Timeout:      opts.Timeout,
 		FreelistType: bolt.FreelistMapType,
 		// The freelist is rebuilt by a scan at open instead of being
 		// written at every commit: under churn it grows to many pages.
 		NoFreelistSync: true,
 		// Growing the file past its mapping remaps it, which waits for
-		// every read transaction: one loading a backlog would hold up
-		// every write.
+		// every read transaction: the one loading the backlog would hold
+		// up every write.
 		InitialMmapSize: initialMmap(path),
 	})
 	if errors.Is(err, bolterrors.ErrTimeout) {
@@ -127,43 +182,152 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening store: %w", err) // err names the path
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead, bucketMeta} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		if tx.Bucket(bucketMeta).Get(keyPendingEvents) != nil {
-			return nil
-		}
-		// A file without the counter (new, or written before it existed).
-		n, err := countPendingEvents(tx.Bucket(bucketPending))
-		if err != nil {
-			return err
-		}
-		return addPendingEvents(tx, n)
-	})
-	if err != nil {
+	if err := db.Update(initFile); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("initialising store %s: %w", path, err)
 	}
+	// The backlog: everything pending now. Writes from here on queue what
+	// they make pending themselves, so nothing is queued twice.
+	snap, err := db.Begin(false)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("reading store %s: %w", path, err)
+	}
+	dead, err := keyCounts(snap.Bucket(bucketDead))
+	if err != nil {
+		snap.Rollback()
+		db.Close()
+		return nil, fmt.Errorf("reading store %s: %w", path, err)
+	}
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
 	s := &Bolt{
-		db:   db,
-		path: path,
-		ops:  make(chan *op, maxBatch),
-		quit: make(chan struct{}),
-		done: make(chan struct{}),
+		db:     db,
+		path:   path,
+		now:    now,
+		qs:     newLocalQueues(now),
+		ops:    make(chan *op, maxBatch),
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
+		loaded: make(chan struct{}),
+		dead:   dead,
 
 		settleDelay: settleDelay,
+		afterBatch:  opts.afterBatch,
 	}
+	s.pendingEvents.Store(int64(readPendingEvents(snap)))
 	go s.writer()
+	go s.load(snap)
 	return s, nil
 }
+
+// initFile creates what a new file lacks, checks the format of one that
+// is not new, and counts the pending events of one written before they
+// were counted.
+func initFile(tx *bolt.Tx) error {
+	for _, b := range [][]byte{bucketEvents, bucketKeys, bucketKeyExp, bucketPending, bucketDead, bucketMeta, bucketState, bucketStateExp} {
+		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+			return err
+		}
+	}
+	meta := tx.Bucket(bucketMeta)
+	switch v := meta.Get(keyFormat); {
+	case v == nil:
+		b := make([]byte, 4)
+		binary.BigEndian.PutUint32(b, formatVersion)
+		if err := meta.Put(keyFormat, b); err != nil {
+			return err
+		}
+	case len(v) != 4:
+		return fmt.Errorf("format version: %w", errCorrupt)
+	case binary.BigEndian.Uint32(v) > formatVersion:
+		return fmt.Errorf("the file has format %d, newer than this relay's %d: it was written by a newer relay; upgrade this one",
+			binary.BigEndian.Uint32(v), formatVersion)
+	}
+	if meta.Get(keyPendingEvents) != nil {
+		return nil
+	}
+	// A file without the counter (new, or written before it existed).
+	n, err := countPendingEvents(tx.Bucket(bucketPending))
+	if err != nil {
+		return err
+	}
+	return addPendingEvents(tx, n)
+}
+
+func readPendingEvents(tx *bolt.Tx) int {
+	v := tx.Bucket(bucketMeta).Get(keyPendingEvents)
+	if len(v) != 8 {
+		return 0
+	}
+	return int(binary.BigEndian.Uint64(v))
+}
+
+// load queues the deliveries pending in snap, the snapshot taken at open,
+// in batches, while the store already takes writes. A target retired
+// meanwhile drops what is still to come (see localQueue.pushLoaded).
+func (s *Bolt) load(snap *bolt.Tx) {
+	defer close(s.loaded)
+	defer snap.Rollback()
+	pending := snap.Bucket(bucketPending)
+	batch := make([]item, 0, loadBatch)
+	errStop := errors.New("store closing")
+	_ = pending.ForEachBucket(func(name []byte) error {
+		q := s.qs.get(string(name))
+		c := pending.Bucket(name).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			it, err := decodeItem(k, v)
+			if err != nil {
+				// Unreadable as a delivery anywhere else too: leave it
+				// on disk rather than give up the rest.
+				continue
+			}
+			batch = append(batch, it)
+			if len(batch) < loadBatch {
+				continue
+			}
+			if !s.pushLoaded(q, batch) {
+				return errStop
+			}
+			batch = batch[:0]
+		}
+		if !s.pushLoaded(q, batch) {
+			return errStop
+		}
+		batch = batch[:0]
+		return nil
+	})
+}
+
+// pushLoaded queues a batch of the backlog and reports whether to go on.
+func (s *Bolt) pushLoaded(q *localQueue, batch []item) bool {
+	q.pushLoaded(batch)
+	if s.afterBatch != nil {
+		s.afterBatch()
+	}
+	select {
+	case <-s.quit:
+		return false
+	default:
+		return true
+	}
+}
+
+// Loaded implements Loader.
+func (s *Bolt) Loaded() <-chan struct{} { return s.loaded }
 
 // Path returns the file's path.
 func (s *Bolt) Path() string { return s.path }
 
-// Close waits for queued writes to commit, then closes the file.
+// Wake makes every waiting Take look at the clock again: for a clock
+// that moves other than in real time.
+func (s *Bolt) Wake() { s.qs.wake() }
+
+// Close waits for queued writes to commit, then closes the file. Takes
+// waiting return ErrClosed; leases held are abandoned, and their
+// deliveries taken again after the next open.
 func (s *Bolt) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -173,7 +337,9 @@ func (s *Bolt) Close() error {
 	s.closed = true
 	close(s.quit)
 	s.mu.Unlock()
+	s.qs.close()
 	<-s.done
+	<-s.loaded // its snapshot would keep bbolt's Close waiting
 	// Write the freelist once, on the way out, so the next open reads it
 	// instead of rebuilding it by reading every page of the file (23 s
 	// for 1,000,000 pending events with a cold page cache). The first
@@ -184,31 +350,33 @@ func (s *Bolt) Close() error {
 	return errors.Join(err, s.db.Close())
 }
 
-// submit runs fn in the next group commit and returns once it is durable.
-// fn may run twice (a second time alone, when another write of its batch
-// failed), so it must set its results afresh on each run.
-func (s *Bolt) submit(fn func(*bolt.Tx) error) error {
+// submit runs fn in the next group commit and returns once it is durable,
+// after the writer has called after (if not nil). fn may run twice (a
+// second time alone, when another write of its batch failed), so it must
+// set its results afresh on each run.
+func (s *Bolt) submit(fn func(*bolt.Tx) error, after func()) error {
 	o := opPool.Get().(*op)
-	o.fn = fn
+	o.fn, o.after = fn, after
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
+		o.fn, o.after = nil, nil
 		opPool.Put(o)
 		return ErrClosed
 	}
 	s.ops <- o
 	s.mu.RUnlock()
 	err := <-o.done
-	o.fn = nil
+	o.fn, o.after = nil, nil
 	opPool.Put(o)
 	return err
 }
 
-// submitLater queues fn for a commit without waiting for it; then is
-// called from the writer once fn is durable or has failed.
-func (s *Bolt) submitLater(fn func(*bolt.Tx) error, then func(error)) {
+// submitLater queues fn for a commit without waiting for it; after (once
+// fn is durable) and then are called from the writer.
+func (s *Bolt) submitLater(fn func(*bolt.Tx) error, after func(), then func(error)) {
 	o := opPool.Get().(*op)
-	o.fn, o.then, o.later = fn, then, true
+	o.fn, o.after, o.then, o.later = fn, after, then, true
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
@@ -320,6 +488,15 @@ func (s *Bolt) commit(batch []*op) {
 	}
 }
 
+func (s *Bolt) view(fn func(*bolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return ErrClosed
+	}
+	return s.db.View(fn)
+}
+
 // addPendingEvents moves the persisted count of pending events by delta.
 func addPendingEvents(tx *bolt.Tx, delta int) error {
 	if delta == 0 {
@@ -333,6 +510,19 @@ func addPendingEvents(tx *bolt.Tx, delta int) error {
 	v := make([]byte, 8)
 	binary.BigEndian.PutUint64(v, uint64(n+int64(delta)))
 	return b.Put(keyPendingEvents, v)
+}
+
+func (s *Bolt) addDead(target string, delta int) {
+	if delta == 0 {
+		return
+	}
+	s.deadMu.Lock()
+	if n := s.dead[target] + delta; n > 0 {
+		s.dead[target] = n
+	} else {
+		delete(s.dead, target)
+	}
+	s.deadMu.Unlock()
 }
 
 // index is a keys-bucket value: the key's expiry (0: not a dedupe key,
@@ -359,10 +549,10 @@ func getIndex(tx *bolt.Tx, id ID) (index, bool) {
 
 func refAt(recv int64, id ID) []byte { return makeRef(time.Unix(0, recv), id) }
 
-func expKey(expiry int64, id ID) []byte {
+func expKey(expiry int64, id []byte) []byte {
 	k := make([]byte, 8+len(id))
 	binary.BigEndian.PutUint64(k, uint64(expiry))
-	copy(k[8:], id[:])
+	copy(k[8:], id)
 	return k
 }
 
@@ -432,33 +622,62 @@ func (e *stored) save(tx *bolt.Tx) error {
 	return events.Put(e.ref, v)
 }
 
-// Accept implements Store.
-func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bool, error) {
+// reserve counts one more pending event for an Accept, unless max (when
+// above zero) are pending already.
+func (s *Bolt) reserve(max int) bool {
+	if max <= 0 {
+		s.pendingEvents.Add(1)
+		return true
+	}
+	for {
+		n := s.pendingEvents.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if s.pendingEvents.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Accept implements Intake.
+func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts AcceptOptions) (bool, error) {
+	targets = uniqueTargets(targets)
+	if len(targets) > 0 && !s.reserve(opts.MaxPending) {
+		// A duplicate is one still, full or not: the sender may stop
+		// sending it.
+		seen, err := s.Seen(ctx, ev.ID, ev.ReceivedAt)
+		if err != nil || seen {
+			return seen, err
+		}
+		return false, ErrFull
+	}
 	var dup bool
 	id := ev.ID
+	recv := ev.ReceivedAt.UnixNano()
 	err := s.submit(func(tx *bolt.Tx) error {
 		dup = false
 		keys := tx.Bucket(bucketKeys)
 		exps := tx.Bucket(bucketKeyExp)
 		if x, ok := getIndex(tx, id); ok {
-			if x.expiry > now.UnixNano() || tx.Bucket(bucketEvents).Get(refAt(x.recv, id)) != nil {
+			if x.expiry > recv || tx.Bucket(bucketEvents).Get(refAt(x.recv, id)) != nil {
 				dup = true
 				return nil
 			}
 			if x.expiry != 0 {
-				if err := exps.Delete(expKey(x.expiry, id)); err != nil {
+				if err := exps.Delete(expKey(x.expiry, id[:])); err != nil {
 					return err
 				}
 			}
 		}
-		if keyExpiry.IsZero() && len(targets) == 0 {
+		if opts.KeyExpiry.IsZero() && len(targets) == 0 {
 			return nil
 		}
-		x := index{recv: ev.ReceivedAt.UnixNano()}
-		if !keyExpiry.IsZero() {
-			x.expiry = keyExpiry.UnixNano()
+		x := index{recv: recv}
+		if !opts.KeyExpiry.IsZero() {
+			x.expiry = opts.KeyExpiry.UnixNano()
 			exps.FillPercent = appendFill
-			if err := exps.Put(expKey(x.expiry, id), nil); err != nil {
+			if err := exps.Put(expKey(x.expiry, id[:]), nil); err != nil {
 				return err
 			}
 		}
@@ -477,7 +696,7 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 		if err := addPendingEvents(tx, 1); err != nil {
 			return err
 		}
-		d := encodeDelivery(&Delivery{NextAt: now})
+		d := encodeDelivery(&Delivery{NextAt: ev.ReceivedAt})
 		pending := tx.Bucket(bucketPending)
 		for _, t := range targets {
 			b, err := pending.CreateBucketIfNotExists([]byte(t))
@@ -490,12 +709,22 @@ func (s *Bolt) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bo
 			}
 		}
 		return nil
+	}, func() {
+		if dup {
+			return
+		}
+		for _, t := range targets {
+			s.qs.get(t).push(item{due: recv, recv: recv, id: id})
+		}
 	})
+	if len(targets) > 0 && (err != nil || dup) {
+		s.pendingEvents.Add(-1)
+	}
 	return dup, err
 }
 
-// Seen implements Store.
-func (s *Bolt) Seen(id ID, now time.Time) (bool, error) {
+// Seen implements Intake.
+func (s *Bolt) Seen(_ context.Context, id ID, now time.Time) (bool, error) {
 	var seen bool
 	err := s.view(func(tx *bolt.Tx) error {
 		x, ok := getIndex(tx, id)
@@ -505,61 +734,93 @@ func (s *Bolt) Seen(id ID, now time.Time) (bool, error) {
 	return seen, err
 }
 
-func (s *Bolt) view(fn func(*bolt.Tx) error) error {
+// Queue implements Queues.
+func (s *Bolt) Queue(target string, _ QueueOptions) (Queue, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed {
-		return ErrClosed
+		return nil, ErrClosed
 	}
-	return s.db.View(fn)
+	q := s.qs.get(target)
+	q.reopen()
+	return localTaker{q: q, take: s.take}, nil
 }
 
-// Event implements Store.
-func (s *Bolt) Event(id ID) (*Event, error) {
-	var ev *Event
-	err := s.view(func(tx *bolt.Tx) error {
-		e, err := lookup(tx, id)
+// take leases the next due delivery of q with its event, read now.
+func (s *Bolt) take(ctx context.Context, q *localQueue) (Lease, error) {
+	for {
+		it, epoch, err := q.take(ctx)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if e == nil {
-			return ErrNotFound
+		var ev *Event
+		ref := refAt(it.recv, it.id)
+		err = s.view(func(tx *bolt.Tx) error {
+			pb := tx.Bucket(bucketPending).Bucket([]byte(q.target))
+			if pb == nil || pb.Get(ref) == nil {
+				return nil // settled meanwhile: nothing to deliver
+			}
+			v := tx.Bucket(bucketEvents).Get(ref)
+			if v == nil {
+				return nil
+			}
+			if len(v) < countsLen {
+				return errCorrupt
+			}
+			ctype, body, err := decodeBody(v[countsLen:])
+			if err != nil {
+				return err
+			}
+			ev = &Event{ID: it.id, ReceivedAt: time.Unix(0, it.recv), ContentType: ctype, Body: body}
+			return nil
+		})
+		if errors.Is(err, ErrClosed) {
+			return nil, err
 		}
-		at, _, _ := parseRef(e.ref)
-		ctype, body, err := decodeBody(e.val[countsLen:])
 		if err != nil {
-			return err
+			// Not this delivery's fault, perhaps: try it again soon.
+			it.due = s.now().Add(time.Second).UnixNano()
+			q.putBack(it, epoch)
+			return nil, fmt.Errorf("reading event %s for %s: %w", it.id, q.target, err)
 		}
-		ev = &Event{ID: id, ReceivedAt: at, ContentType: ctype, Body: body}
-		return nil
-	})
-	return ev, err
-}
-
-// Settle implements Store.
-func (s *Bolt) Settle(d *Delivery, o Outcome) (Change, error) {
-	var ch Change
-	err := s.submit(func(tx *bolt.Tx) error { return settleTx(tx, d, o, &ch) })
-	if err != nil {
-		return Change{}, err
+		if ev == nil {
+			q.release(epoch)
+			continue
+		}
+		return &localLease{q: q, it: it, epoch: epoch, ev: ev, st: s}, nil
 	}
-	return ch, nil
 }
 
-// SettleLater implements Store.
-func (s *Bolt) SettleLater(d *Delivery, o Outcome, then func(Change, error)) {
-	var ch Change
-	s.submitLater(func(tx *bolt.Tx) error { return settleTx(tx, d, o, &ch) }, func(err error) {
-		if err != nil {
-			ch = Change{}
-		}
-		then(ch, err)
-	})
+// change is what one settle did, for the counts and the queue.
+type change struct {
+	dead          int // at the delivery's target
+	pendingEvents int
+	// stillPending: the delivery is pending yet (a retry of one that
+	// was), to be queued again.
+	stillPending bool
+}
+
+// settleLease records an outcome in the next group commit, applying it to
+// the counts and the queue once durable.
+func (s *Bolt) settleLease(l *localLease, o Outcome, d *Delivery, then func(error)) {
+	var ch change
+	s.submitLater(func(tx *bolt.Tx) error { return settleTx(tx, d, o, &ch) },
+		func() {
+			s.addDead(d.Target, ch.dead)
+			s.pendingEvents.Add(int64(ch.pendingEvents))
+			l.settled(o, d, ch.stillPending, nil)
+		},
+		func(err error) {
+			if err != nil {
+				l.settled(o, d, false, err)
+			}
+			then(err)
+		})
 }
 
 // settleTx records an outcome; it sets *ch afresh on every run.
-func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *Change) error {
-	*ch = Change{}
+func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *change) error {
+	*ch = change{}
 	e, err := lookup(tx, d.ID)
 	if err != nil || e == nil {
 		return err
@@ -575,6 +836,7 @@ func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *Change) error {
 		if !inPending {
 			return nil
 		}
+		ch.stillPending = true
 		return pb.Put(e.ref, encodeDelivery(d))
 	case Dead:
 		if !inPending {
@@ -592,25 +854,24 @@ func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *Change) error {
 		}
 		e.owed--
 		e.dead++
-		ch.Pending, ch.Dead = -1, 1
+		ch.dead = 1
 	case Delivered:
 		if inPending {
 			if err := pb.Delete(e.ref); err != nil {
 				return err
 			}
 			e.owed--
-			ch.Pending = -1
 		}
 		if inDead {
 			if err := db.Delete(e.ref); err != nil {
 				return err
 			}
 			e.dead--
-			ch.Dead = -1
+			ch.dead = -1
 		}
 	}
 	if owed > 0 && e.owed == 0 {
-		ch.PendingEvents = -1
+		ch.pendingEvents = -1
 		if err := addPendingEvents(tx, -1); err != nil {
 			return err
 		}
@@ -618,98 +879,12 @@ func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *Change) error {
 	return e.save(tx)
 }
 
-// Backlog implements Store: a read transaction, held until Close.
-func (s *Bolt) Backlog() (Backlog, error) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
-		return nil, ErrClosed
-	}
-	tx, err := s.db.Begin(false)
-	if err != nil {
-		return nil, err
-	}
-	return boltBacklog{tx}, nil
-}
-
-type boltBacklog struct{ tx *bolt.Tx }
-
-func (b boltBacklog) PendingEvents() int {
-	v := b.tx.Bucket(bucketMeta).Get(keyPendingEvents)
-	if len(v) != 8 {
-		return 0
-	}
-	return int(binary.BigEndian.Uint64(v))
-}
-
-func (b boltBacklog) Targets() []string { return nonEmpty(b.tx.Bucket(bucketPending)) }
-
-func (b boltBacklog) DeadTargets() []string { return nonEmpty(b.tx.Bucket(bucketDead)) }
-
-// nonEmpty returns the names of top's non-empty sub-buckets.
-func nonEmpty(top *bolt.Bucket) []string {
-	var out []string
-	_ = top.ForEachBucket(func(k []byte) error {
-		if first, _ := top.Bucket(k).Cursor().First(); first != nil {
-			out = append(out, string(k))
-		}
-		return nil
-	})
-	return out
-}
-
-func (b boltBacklog) Dead() (map[string]int, error) { return keyCounts(b.tx.Bucket(bucketDead)) }
-
-// keyCounts counts the keys of each of top's non-empty sub-buckets.
-func keyCounts(top *bolt.Bucket) (map[string]int, error) {
-	out := map[string]int{}
-	err := top.ForEachBucket(func(k []byte) error {
-		if n := top.Bucket(k).Stats().KeyN; n > 0 {
-			out[string(k)] = n
-		}
-		return nil
-	})
-	return out, err
-}
-
-func (b boltBacklog) Pending(fn func(d *Delivery) error) error {
-	pending := b.tx.Bucket(bucketPending)
-	return pending.ForEachBucket(func(target []byte) error {
-		t := string(target)
-		return pending.Bucket(target).ForEach(func(k, v []byte) error {
-			d, err := decodeDelivery(t, k, v)
-			if err != nil {
-				return err
-			}
-			return fn(d)
-		})
-	})
-}
-
-func (b boltBacklog) Close() error { return b.tx.Rollback() }
-
-// OldestPending implements Store.
-func (s *Bolt) OldestPending(target string) (time.Time, bool, error) {
-	var t time.Time
-	var ok bool
-	err := s.view(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketPending).Bucket([]byte(target))
-		if b == nil {
-			return nil
-		}
-		k, _ := b.Cursor().First()
-		if k == nil {
-			return nil
-		}
-		at, _, err := parseRef(k)
-		t, ok = at, err == nil
-		return err
-	})
-	return t, ok, err
-}
-
-// KillTarget implements Store.
-func (s *Bolt) KillTarget(target, reason string, now time.Time) (int, int, error) {
+// Retire implements Queues: the target's pending deliveries become dead
+// letters with reason as their last error.
+func (s *Bolt) Retire(_ context.Context, target, reason string) (int, error) {
+	q := s.qs.get(target)
+	q.retire()
+	now := s.now()
 	var n, settled int
 	err := s.submit(func(tx *bolt.Tx) error {
 		n, settled = 0, 0
@@ -731,7 +906,7 @@ func (s *Bolt) KillTarget(target, reason string, now time.Time) (int, int, error
 			if d.LastAttemptAt.IsZero() {
 				d.LastAttemptAt = now
 			}
-			if err := db.Put(append([]byte{}, k...), encodeDelivery(d)); err != nil {
+			if err := db.Put(bytes.Clone(k), encodeDelivery(d)); err != nil {
 				return err
 			}
 			n++
@@ -755,12 +930,16 @@ func (s *Bolt) KillTarget(target, reason string, now time.Time) (int, int, error
 			return err
 		}
 		return tx.Bucket(bucketPending).DeleteBucket(name)
+	}, func() {
+		q.clear()
+		s.addDead(target, n)
+		s.pendingEvents.Add(-int64(settled))
 	})
-	return n, settled, err
+	return n, err
 }
 
-// DeadLetters implements Store.
-func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, string, error) {
+// DeadLetters implements DeadLetters.
+func (s *Bolt) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
 	var fromTarget string
 	var fromRef []byte
 	if cursor != "" {
@@ -830,7 +1009,7 @@ func (s *Bolt) DeadLetters(target, cursor string, limit int) ([]DeadLetter, stri
 func deadRefs(tx *bolt.Tx, b *bolt.Bucket, ids []ID) ([][]byte, error) {
 	var refs [][]byte
 	if len(ids) == 0 {
-		err := b.ForEach(func(k, _ []byte) error { refs = append(refs, append([]byte{}, k...)); return nil })
+		err := b.ForEach(func(k, _ []byte) error { refs = append(refs, bytes.Clone(k)); return nil })
 		return refs, err
 	}
 	for _, id := range ids {
@@ -845,12 +1024,14 @@ func deadRefs(tx *bolt.Tx, b *bolt.Bucket, ids []ID) ([][]byte, error) {
 	return refs, nil
 }
 
-// Replay implements Store.
-func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.Time) ([]Delivery, int, error) {
-	var out []Delivery
-	var revived int
+// Replay implements DeadLetters.
+func (s *Bolt) Replay(_ context.Context, ids []ID, target string, keep func(string) bool) (int, error) {
+	now := s.now()
+	moved := map[string][]item{}
+	n, revived := 0, 0
 	err := s.submit(func(tx *bolt.Tx) error {
-		out, revived = out[:0], 0
+		clear(moved)
+		n, revived = 0, 0
 		dead := tx.Bucket(bucketDead)
 		var names []string
 		_ = dead.ForEachBucket(func(k []byte) error { names = append(names, string(k)); return nil })
@@ -882,7 +1063,8 @@ func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.
 				if err := pb.Put(ref, encodeDelivery(&d)); err != nil {
 					return err
 				}
-				out = append(out, d)
+				moved[t] = append(moved[t], itemOf(&d))
+				n++
 				e, err := lookup(tx, id)
 				if err != nil {
 					return err
@@ -901,15 +1083,21 @@ func (s *Bolt) Replay(ids []ID, target string, keep func(string) bool, now time.
 			}
 		}
 		return addPendingEvents(tx, revived)
+	}, func() {
+		for t, items := range moved {
+			s.qs.get(t).pushAll(items)
+			s.addDead(t, -len(items))
+		}
+		s.pendingEvents.Add(int64(revived))
 	})
-	return out, revived, err
+	return n, err
 }
 
-// DeleteDead implements Store.
-func (s *Bolt) DeleteDead(id ID, target string) (map[string]int, error) {
-	var n map[string]int
+// DeleteDead implements DeadLetters.
+func (s *Bolt) DeleteDead(_ context.Context, id ID, target string) (int, error) {
+	var deleted []string
 	err := s.submit(func(tx *bolt.Tx) error {
-		n = map[string]int{}
+		deleted = deleted[:0]
 		e, err := lookup(tx, id)
 		if err != nil || e == nil {
 			return err
@@ -923,7 +1111,7 @@ func (s *Bolt) DeleteDead(id ID, target string) (map[string]int, error) {
 			if b.Get(e.ref) == nil {
 				return nil
 			}
-			n[string(name)]++
+			deleted = append(deleted, string(name))
 			e.dead--
 			return b.Delete(e.ref)
 		})
@@ -931,52 +1119,31 @@ func (s *Bolt) DeleteDead(id ID, target string) (map[string]int, error) {
 			return err
 		}
 		return e.save(tx)
+	}, func() {
+		for _, t := range deleted {
+			s.addDead(t, -1)
+		}
 	})
-	return n, err
+	return len(deleted), err
 }
 
-// ExpireKeys implements Store. It works in slices so that a large sweep
+// ExpireKeys implements Intake. It works in slices so that a large sweep
 // does not hold up the acks queued behind it. A key whose event is still
 // stored stays as the event's index entry, no longer a dedupe key.
-func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
+func (s *Bolt) ExpireKeys(_ context.Context, now time.Time) (int, error) {
 	total := 0
 	for {
 		var n int
 		var more bool
 		err := s.submit(func(tx *bolt.Tx) error {
 			n, more = 0, false
-			keys := tx.Bucket(bucketKeys)
-			events := tx.Bucket(bucketEvents)
-			c := tx.Bucket(bucketKeyExp).Cursor()
-			for k, _ := c.First(); k != nil; k, _ = c.First() {
-				if len(k) != 8+len(ID{}) || int64(binary.BigEndian.Uint64(k)) > now.UnixNano() {
-					return nil
-				}
-				if n == 5000 {
-					more = true
-					return nil
-				}
-				var id ID
-				copy(id[:], k[8:])
-				exp := int64(binary.BigEndian.Uint64(k))
-				if x, ok := getIndex(tx, id); ok && x.expiry == exp {
-					var err error
-					if events.Get(refAt(x.recv, id)) != nil {
-						err = keys.Put(id[:], index{recv: x.recv}.encode())
-					} else {
-						err = keys.Delete(id[:])
-					}
-					if err != nil {
-						return err
-					}
-				}
-				if err := c.Delete(); err != nil {
-					return err
-				}
-				n++
+			var err error
+			if n, more, err = expireKeysTx(tx, now); err != nil || more {
+				return err
 			}
-			return nil
-		})
+			more, err = expireStatesTx(tx, now)
+			return err
+		}, nil)
 		total += n
 		if err != nil || !more {
 			return total, err
@@ -984,11 +1151,228 @@ func (s *Bolt) ExpireKeys(now time.Time) (int, error) {
 	}
 }
 
-// Stats implements Store. It counts afresh, reading every pending and
-// dead-letter entry (never the events' bodies): the pending events by
-// merging the pending buckets, not from the count the writes keep, so the
-// two can be checked against each other.
-func (s *Bolt) Stats(now time.Time) (Stats, error) {
+// expireKeysTx forgets up to sweepSlice expired keys; more says there are
+// others.
+func expireKeysTx(tx *bolt.Tx, now time.Time) (n int, more bool, err error) {
+	keys := tx.Bucket(bucketKeys)
+	events := tx.Bucket(bucketEvents)
+	c := tx.Bucket(bucketKeyExp).Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.First() {
+		if len(k) != 8+len(ID{}) || int64(binary.BigEndian.Uint64(k)) > now.UnixNano() {
+			return n, false, nil
+		}
+		if n == sweepSlice {
+			return n, true, nil
+		}
+		var id ID
+		copy(id[:], k[8:])
+		exp := int64(binary.BigEndian.Uint64(k))
+		if x, ok := getIndex(tx, id); ok && x.expiry == exp {
+			var err error
+			if events.Get(refAt(x.recv, id)) != nil {
+				err = keys.Put(id[:], index{recv: x.recv}.encode())
+			} else {
+				err = keys.Delete(id[:])
+			}
+			if err != nil {
+				return n, false, err
+			}
+		}
+		if err := c.Delete(); err != nil {
+			return n, false, err
+		}
+		n++
+	}
+	return n, false, nil
+}
+
+// expireStatesTx forgets up to sweepSlice expired key states.
+func expireStatesTx(tx *bolt.Tx, now time.Time) (more bool, err error) {
+	states := tx.Bucket(bucketState)
+	c := tx.Bucket(bucketStateExp).Cursor()
+	n := 0
+	for k, _ := c.First(); k != nil; k, _ = c.First() {
+		if len(k) < 8 || int64(binary.BigEndian.Uint64(k)) > now.UnixNano() {
+			return false, nil
+		}
+		if n == sweepSlice {
+			return true, nil
+		}
+		exp := int64(binary.BigEndian.Uint64(k))
+		sk := k[8:]
+		// Only the record this entry was made for: one written since has
+		// an entry of its own.
+		if _, vexp, _, err := decodeState(states.Get(sk)); err == nil && vexp == exp {
+			if err := states.Delete(bytes.Clone(sk)); err != nil {
+				return false, err
+			}
+		}
+		if err := c.Delete(); err != nil {
+			return false, err
+		}
+		n++
+	}
+	return false, nil
+}
+
+// State implements KeyStates.
+func (s *Bolt) State(_ context.Context, space, key string, now time.Time) ([]byte, uint64, error) {
+	k, err := stateKey(space, key)
+	if err != nil {
+		return nil, 0, err
+	}
+	var value []byte
+	var rev uint64
+	err = s.view(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketState).Get(k)
+		if v == nil {
+			return ErrNotFound
+		}
+		r, exp, val, err := decodeState(v)
+		if err != nil {
+			return err
+		}
+		if stateExpired(exp, now) {
+			return ErrNotFound
+		}
+		value, rev = bytes.Clone(val), r
+		return nil
+	})
+	return value, rev, err
+}
+
+// SetState implements KeyStates. Revisions come from the bucket's
+// sequence, so that a record written anew after another expired never has
+// a revision the old one had.
+func (s *Bolt) SetState(_ context.Context, space, key string, value []byte, rev uint64, expiry time.Time) (uint64, error) {
+	k, err := stateKey(space, key)
+	if err != nil {
+		return 0, err
+	}
+	now := s.now()
+	var newRev uint64
+	var conflict bool
+	err = s.submit(func(tx *bolt.Tx) error {
+		newRev, conflict = 0, false
+		states := tx.Bucket(bucketState)
+		exps := tx.Bucket(bucketStateExp)
+		var cur uint64
+		if v := states.Get(k); v != nil {
+			r, exp, _, err := decodeState(v)
+			if err != nil {
+				return err
+			}
+			if !stateExpired(exp, now) {
+				cur = r
+			}
+			if cur == rev && exp != 0 {
+				if err := exps.Delete(expKey(exp, k)); err != nil {
+					return err
+				}
+			}
+		}
+		if cur != rev {
+			conflict = true
+			return nil
+		}
+		r, err := states.NextSequence()
+		if err != nil {
+			return err
+		}
+		if err := states.Put(k, encodeState(r, expiry, value)); err != nil {
+			return err
+		}
+		if !expiry.IsZero() {
+			if err := exps.Put(expKey(expiry.UnixNano(), k), nil); err != nil {
+				return err
+			}
+		}
+		newRev = r
+		return nil
+	}, nil)
+	if err != nil {
+		return 0, err
+	}
+	if conflict {
+		return 0, ErrConflict
+	}
+	return newRev, nil
+}
+
+// Counts implements Counter: the pending deliveries as queued (a backlog
+// still loading counts as it loads), the dead letters and pending events
+// as kept by the writes, the oldest pending events from the file.
+func (s *Bolt) Counts(context.Context) (Counts, error) {
+	c := Counts{PendingEvents: int(s.pendingEvents.Load()), Targets: map[string]TargetCounts{}}
+	for t, n := range s.qs.pending() {
+		c.Targets[t] = TargetCounts{Pending: n}
+	}
+	s.deadMu.Lock()
+	for t, n := range s.dead {
+		tc := c.Targets[t]
+		tc.Dead = n
+		c.Targets[t] = tc
+	}
+	s.deadMu.Unlock()
+	err := s.view(func(tx *bolt.Tx) error {
+		pending := tx.Bucket(bucketPending)
+		return pending.ForEachBucket(func(name []byte) error {
+			k, _ := pending.Bucket(name).Cursor().First()
+			if k == nil {
+				return nil
+			}
+			at, _, err := parseRef(k)
+			if err != nil {
+				return err
+			}
+			tc := c.Targets[string(name)]
+			tc.OldestPending = at
+			c.Targets[string(name)] = tc
+			return nil
+		})
+	})
+	if err != nil {
+		return Counts{}, err
+	}
+	return c, nil
+}
+
+// Pending calls fn for every delivery pending in the file now, target by
+// target, oldest event first: for tests and tools that look at what a
+// relay left.
+func (s *Bolt) Pending(fn func(d *Delivery) error) error {
+	return s.view(func(tx *bolt.Tx) error {
+		pending := tx.Bucket(bucketPending)
+		return pending.ForEachBucket(func(target []byte) error {
+			t := string(target)
+			return pending.Bucket(target).ForEach(func(k, v []byte) error {
+				d, err := decodeDelivery(t, k, v)
+				if err != nil {
+					return err
+				}
+				return fn(d)
+			})
+		})
+	})
+}
+
+// Stats are a Bolt file's counts, counted afresh.
+type Stats struct {
+	// Events still owed to at least one target.
+	PendingEvents int
+	// Pending and dead-letter counts per target name.
+	Pending map[string]int
+	Dead    map[string]int
+	// Keys is the number of dedupe keys held, expired ones not yet
+	// swept included.
+	Keys int
+}
+
+// Stats counts afresh, reading every pending and dead-letter entry (never
+// the events' bodies): the pending events by merging the pending buckets,
+// not from the count the writes keep, so that Counts can be checked
+// against it.
+func (s *Bolt) Stats(time.Time) (Stats, error) {
 	var st Stats
 	err := s.view(func(tx *bolt.Tx) error {
 		var err error
@@ -1005,6 +1389,18 @@ func (s *Bolt) Stats(now time.Time) (Stats, error) {
 		return nil
 	})
 	return st, err
+}
+
+// keyCounts counts the keys of each of top's non-empty sub-buckets.
+func keyCounts(top *bolt.Bucket) (map[string]int, error) {
+	out := map[string]int{}
+	err := top.ForEachBucket(func(k []byte) error {
+		if n := top.Bucket(k).Stats().KeyN; n > 0 {
+			out[string(k)] = n
+		}
+		return nil
+	})
+	return out, err
 }
 
 // countPendingEvents counts the distinct refs over every target's pending
@@ -1053,14 +1449,7 @@ func countPendingEvents(pending *bolt.Bucket) (int, error) {
 	return n, nil
 }
 
-// sortedKeys is shared by both stores for stable listings.
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
-var _ Store = (*Bolt)(nil)
+var (
+	_ Store  = (*Bolt)(nil)
+	_ Loader = (*Bolt)(nil)
+)

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 )
 
@@ -122,4 +124,56 @@ func decodeCursor(c string) (target string, ref []byte, err error) {
 		}
 	}
 	return "", nil, errors.New("invalid cursor")
+}
+
+// decodeItem reads what a queue keeps of a pending delivery, without the
+// allocations of decodeDelivery: a restart may load a million.
+func decodeItem(k, v []byte) (item, error) {
+	if len(k) != refLen || len(v) < 32 {
+		return item{}, errCorrupt
+	}
+	it := item{
+		due:      int64(binary.BigEndian.Uint64(v[4:])),
+		recv:     int64(binary.BigEndian.Uint64(k)),
+		first:    int64(binary.BigEndian.Uint64(v[12:])),
+		attempts: int32(binary.BigEndian.Uint32(v)),
+	}
+	copy(it.id[:], k[8:])
+	return it, nil
+}
+
+// stateKey is a key state's key: its space, NUL, its key. A space with a
+// NUL in it would make two records share one.
+func stateKey(space, key string) ([]byte, error) {
+	if strings.IndexByte(space, 0) >= 0 {
+		return nil, fmt.Errorf("key state space %q contains a NUL byte", space)
+	}
+	k := make([]byte, 0, len(space)+1+len(key))
+	k = append(k, space...)
+	k = append(k, 0)
+	return append(k, key...), nil
+}
+
+// A key state's value: revision, expiry (unix ns, 0: never), the bytes.
+const stateHeaderLen = 16
+
+func encodeState(rev uint64, expiry time.Time, value []byte) []byte {
+	b := make([]byte, stateHeaderLen+len(value))
+	binary.BigEndian.PutUint64(b, rev)
+	binary.BigEndian.PutUint64(b[8:], unixNano(expiry))
+	copy(b[stateHeaderLen:], value)
+	return b
+}
+
+func decodeState(b []byte) (rev uint64, expiry int64, value []byte, err error) {
+	if len(b) < stateHeaderLen {
+		return 0, 0, nil, errCorrupt
+	}
+	return binary.BigEndian.Uint64(b), int64(binary.BigEndian.Uint64(b[8:])), b[stateHeaderLen:], nil
+}
+
+// stateExpired reports whether a state expiring at expiry (unix ns, 0:
+// never) is gone at now.
+func stateExpired(expiry int64, now time.Time) bool {
+	return expiry != 0 && expiry <= now.UnixNano()
 }

@@ -2,20 +2,34 @@ package store
 
 import (
 	"bytes"
+	"context"
 	"sort"
 	"sync"
 	"time"
 )
 
+// MemoryOptions configure a Memory store.
+type MemoryOptions struct {
+	// Now is the clock deliveries fall due by and key states expire by;
+	// nil is time.Now.
+	Now func() time.Time
+}
+
 // Memory is a Store that keeps everything in memory: fast, and lost with
 // the process. For set-ups that accept that trade.
 type Memory struct {
-	mu      sync.Mutex
-	closed  bool
-	events  map[ID]*memEvent
-	keys    map[ID]time.Time
-	pending map[string]map[ID]*Delivery
-	dead    map[string]map[ID]*Delivery
+	now func() time.Time
+	qs  *localQueues
+
+	mu            sync.Mutex
+	closed        bool
+	events        map[ID]*memEvent
+	keys          map[ID]time.Time
+	pending       map[string]map[ID]*Delivery
+	dead          map[string]map[ID]*Delivery
+	states        map[string]*memState
+	rev           uint64 // the last revision given to a key state
+	pendingEvents int
 }
 
 type memEvent struct {
@@ -23,13 +37,26 @@ type memEvent struct {
 	owed, dead int
 }
 
+type memState struct {
+	value  []byte
+	rev    uint64
+	expiry time.Time // zero: never
+}
+
 // NewMemory returns an empty in-memory store.
-func NewMemory() *Memory {
+func NewMemory(opts MemoryOptions) *Memory {
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
 	return &Memory{
+		now:     now,
+		qs:      newLocalQueues(now),
 		events:  map[ID]*memEvent{},
 		keys:    map[ID]time.Time{},
 		pending: map[string]map[ID]*Delivery{},
 		dead:    map[string]map[ID]*Delivery{},
+		states:  map[string]*memState{},
 	}
 }
 
@@ -47,8 +74,13 @@ func (s *Memory) Close() error {
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
+	s.qs.close()
 	return nil
 }
+
+// Wake makes every waiting Take look at the clock again: for a clock
+// that moves other than in real time.
+func (s *Memory) Wake() { s.qs.wake() }
 
 func (s *Memory) seen(id ID, now time.Time) bool {
 	if exp, ok := s.keys[id]; ok && exp.After(now) {
@@ -58,37 +90,44 @@ func (s *Memory) seen(id ID, now time.Time) bool {
 	return ok
 }
 
-// Accept implements Store.
-func (s *Memory) Accept(ev *Event, targets []string, keyExpiry, now time.Time) (bool, error) {
+// Accept implements Intake.
+func (s *Memory) Accept(_ context.Context, ev *Event, targets []string, opts AcceptOptions) (bool, error) {
+	targets = uniqueTargets(targets)
 	if err := s.lock(); err != nil {
 		return false, err
 	}
 	defer s.mu.Unlock()
-	if s.seen(ev.ID, now) {
+	if s.seen(ev.ID, ev.ReceivedAt) {
 		return true, nil
 	}
-	if !keyExpiry.IsZero() {
-		s.keys[ev.ID] = keyExpiry
+	if len(targets) > 0 && opts.MaxPending > 0 && s.pendingEvents >= opts.MaxPending {
+		return false, ErrFull
+	}
+	if !opts.KeyExpiry.IsZero() {
+		s.keys[ev.ID] = opts.KeyExpiry
 	}
 	if len(targets) == 0 {
 		return false, nil
 	}
 	e := &memEvent{ev: *ev, owed: len(targets)}
-	e.ev.Body = append([]byte(nil), ev.Body...)
+	e.ev.Body = bytes.Clone(ev.Body)
 	s.events[ev.ID] = e
+	s.pendingEvents++
 	for _, t := range targets {
 		m := s.pending[t]
 		if m == nil {
 			m = map[ID]*Delivery{}
 			s.pending[t] = m
 		}
-		m[ev.ID] = &Delivery{ID: ev.ID, Target: t, ReceivedAt: ev.ReceivedAt, NextAt: now}
+		d := &Delivery{ID: ev.ID, Target: t, ReceivedAt: ev.ReceivedAt, NextAt: ev.ReceivedAt}
+		m[ev.ID] = d
+		s.qs.get(t).push(itemOf(d))
 	}
 	return false, nil
 }
 
-// Seen implements Store.
-func (s *Memory) Seen(id ID, now time.Time) (bool, error) {
+// Seen implements Intake.
+func (s *Memory) Seen(_ context.Context, id ID, now time.Time) (bool, error) {
 	if err := s.lock(); err != nil {
 		return false, err
 	}
@@ -96,18 +135,61 @@ func (s *Memory) Seen(id ID, now time.Time) (bool, error) {
 	return s.seen(id, now), nil
 }
 
-// Event implements Store.
-func (s *Memory) Event(id ID) (*Event, error) {
+// ExpireKeys implements Intake.
+func (s *Memory) ExpireKeys(_ context.Context, now time.Time) (int, error) {
+	if err := s.lock(); err != nil {
+		return 0, err
+	}
+	defer s.mu.Unlock()
+	n := 0
+	for id, exp := range s.keys {
+		if !exp.After(now) {
+			delete(s.keys, id)
+			n++
+		}
+	}
+	for k, st := range s.states {
+		if st.expired(now) {
+			delete(s.states, k)
+		}
+	}
+	return n, nil
+}
+
+// Queue implements Queues.
+func (s *Memory) Queue(target string, _ QueueOptions) (Queue, error) {
 	if err := s.lock(); err != nil {
 		return nil, err
 	}
 	defer s.mu.Unlock()
-	e, ok := s.events[id]
-	if !ok {
-		return nil, ErrNotFound
+	q := s.qs.get(target)
+	q.reopen()
+	return localTaker{q: q, take: s.take}, nil
+}
+
+func (s *Memory) take(ctx context.Context, q *localQueue) (Lease, error) {
+	for {
+		it, epoch, err := q.take(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return nil, ErrClosed
+		}
+		e := s.events[it.id]
+		_, pending := s.pending[q.target][it.id]
+		if e == nil || !pending {
+			s.mu.Unlock()
+			q.release(epoch)
+			continue
+		}
+		ev := e.ev
+		ev.Body = bytes.Clone(ev.Body)
+		s.mu.Unlock()
+		return &localLease{q: q, it: it, epoch: epoch, ev: &ev, st: s}, nil
 	}
-	ev := e.ev
-	return &ev, nil
 }
 
 func (s *Memory) release(id ID, e *memEvent) {
@@ -116,21 +198,27 @@ func (s *Memory) release(id ID, e *memEvent) {
 	}
 }
 
-// SettleLater implements Store, at once: there is nothing to wait for.
-func (s *Memory) SettleLater(d *Delivery, o Outcome, then func(Change, error)) {
-	then(s.Settle(d, o))
+// settleLease records an outcome at once: there is nothing to wait for.
+func (s *Memory) settleLease(l *localLease, o Outcome, d *Delivery, then func(error)) {
+	if err := s.lock(); err != nil {
+		l.settled(o, d, false, err)
+		then(err)
+		return
+	}
+	pending := s.settle(d, o)
+	// Under the lock, so that a retirement cannot come between the write
+	// and the queue.
+	l.settled(o, d, pending, nil)
+	s.mu.Unlock()
+	then(nil)
 }
 
-// Settle implements Store.
-func (s *Memory) Settle(d *Delivery, o Outcome) (Change, error) {
-	if err := s.lock(); err != nil {
-		return Change{}, err
-	}
-	defer s.mu.Unlock()
-	var ch Change
+// settle applies an outcome and reports whether the delivery is still
+// pending.
+func (s *Memory) settle(d *Delivery, o Outcome) bool {
 	e, ok := s.events[d.ID]
 	if !ok {
-		return ch, nil
+		return false
 	}
 	p := s.pending[d.Target][d.ID]
 	dl := s.dead[d.Target][d.ID]
@@ -139,128 +227,49 @@ func (s *Memory) Settle(d *Delivery, o Outcome) (Change, error) {
 	case Retry:
 		if p != nil {
 			c := *d
-			c.ReceivedAt = e.ev.ReceivedAt
 			s.pending[d.Target][d.ID] = &c
 		}
-		return ch, nil
+		return p != nil
 	case Dead:
 		if p == nil {
-			return ch, nil
+			return false
 		}
 		delete(s.pending[d.Target], d.ID)
 		if s.dead[d.Target] == nil {
 			s.dead[d.Target] = map[ID]*Delivery{}
 		}
 		c := *d
-		c.ReceivedAt = e.ev.ReceivedAt
 		s.dead[d.Target][d.ID] = &c
 		e.owed--
 		e.dead++
-		ch.Pending, ch.Dead = -1, 1
 	case Delivered:
 		if p != nil {
 			delete(s.pending[d.Target], d.ID)
 			e.owed--
-			ch.Pending = -1
 		}
 		if dl != nil {
 			delete(s.dead[d.Target], d.ID)
 			e.dead--
-			ch.Dead = -1
 		}
 	}
 	if owed > 0 && e.owed == 0 {
-		ch.PendingEvents = -1
+		s.pendingEvents--
 	}
 	s.release(d.ID, e)
-	return ch, nil
+	return false
 }
 
-func sortedDeliveries(m map[ID]*Delivery) []*Delivery {
-	out := make([]*Delivery, 0, len(m))
-	for _, d := range m {
-		out = append(out, d)
-	}
-	sort.Slice(out, func(i, j int) bool {
-		return bytes.Compare(makeRef(out[i].ReceivedAt, out[i].ID), makeRef(out[j].ReceivedAt, out[j].ID)) < 0
-	})
-	return out
-}
-
-// Backlog implements Store: a copy taken under the lock.
-func (s *Memory) Backlog() (Backlog, error) {
+// Retire implements Queues: the target's pending deliveries become dead
+// letters.
+func (s *Memory) Retire(_ context.Context, target, reason string) (int, error) {
 	if err := s.lock(); err != nil {
-		return nil, err
+		return 0, err
 	}
 	defer s.mu.Unlock()
-	b := &memBacklog{dead: map[string]int{}}
-	for _, e := range s.events {
-		if e.owed > 0 {
-			b.pendingEvents++
-		}
-	}
-	for _, t := range sortedKeys(s.pending) {
-		if len(s.pending[t]) == 0 {
-			continue
-		}
-		b.targets = append(b.targets, t)
-		for _, d := range sortedDeliveries(s.pending[t]) {
-			c := *d
-			b.pending = append(b.pending, &c)
-		}
-	}
-	for t, m := range s.dead {
-		if len(m) > 0 {
-			b.dead[t] = len(m)
-		}
-	}
-	return b, nil
-}
-
-type memBacklog struct {
-	pendingEvents int
-	targets       []string
-	pending       []*Delivery
-	dead          map[string]int
-}
-
-func (b *memBacklog) PendingEvents() int            { return b.pendingEvents }
-func (b *memBacklog) Targets() []string             { return b.targets }
-func (b *memBacklog) DeadTargets() []string         { return sortedKeys(b.dead) }
-func (b *memBacklog) Dead() (map[string]int, error) { return b.dead, nil }
-func (b *memBacklog) Close() error                  { return nil }
-
-func (b *memBacklog) Pending(fn func(d *Delivery) error) error {
-	for _, d := range b.pending {
-		if err := fn(d); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// OldestPending implements Store.
-func (s *Memory) OldestPending(target string) (time.Time, bool, error) {
-	if err := s.lock(); err != nil {
-		return time.Time{}, false, err
-	}
-	defer s.mu.Unlock()
-	var oldest time.Time
-	for _, d := range s.pending[target] {
-		if oldest.IsZero() || d.ReceivedAt.Before(oldest) {
-			oldest = d.ReceivedAt
-		}
-	}
-	return oldest, !oldest.IsZero(), nil
-}
-
-// KillTarget implements Store.
-func (s *Memory) KillTarget(target, reason string, now time.Time) (int, int, error) {
-	if err := s.lock(); err != nil {
-		return 0, 0, err
-	}
-	defer s.mu.Unlock()
-	n, settled := 0, 0
+	q := s.qs.get(target)
+	q.retire()
+	now := s.now()
+	n := 0
 	for id, d := range s.pending[target] {
 		d.LastError = reason
 		if d.LastAttemptAt.IsZero() {
@@ -274,17 +283,39 @@ func (s *Memory) KillTarget(target, reason string, now time.Time) (int, int, err
 			e.owed--
 			e.dead++
 			if e.owed == 0 {
-				settled++
+				s.pendingEvents--
 			}
 		}
 		n++
 	}
 	delete(s.pending, target)
-	return n, settled, nil
+	q.clear()
+	return n, nil
 }
 
-// DeadLetters implements Store.
-func (s *Memory) DeadLetters(target, cursor string, limit int) ([]DeadLetter, string, error) {
+// sortedKeys gives the listings a stable order.
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func sortedDeliveries(m map[ID]*Delivery) []*Delivery {
+	out := make([]*Delivery, 0, len(m))
+	for _, d := range m {
+		out = append(out, d)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return bytes.Compare(makeRef(out[i].ReceivedAt, out[i].ID), makeRef(out[j].ReceivedAt, out[j].ID)) < 0
+	})
+	return out
+}
+
+// DeadLetters implements DeadLetters.
+func (s *Memory) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
 	var fromTarget string
 	var fromRef []byte
 	if cursor != "" {
@@ -321,7 +352,7 @@ func (s *Memory) DeadLetters(target, cursor string, limit int) ([]DeadLetter, st
 			dl := DeadLetter{Delivery: *d}
 			if e := s.events[d.ID]; e != nil {
 				dl.ContentType = e.ev.ContentType
-				dl.Body = append([]byte(nil), e.ev.Body...)
+				dl.Body = bytes.Clone(e.ev.Body)
 			}
 			list = append(list, dl)
 		}
@@ -329,14 +360,14 @@ func (s *Memory) DeadLetters(target, cursor string, limit int) ([]DeadLetter, st
 	return list, "", nil
 }
 
-// Replay implements Store.
-func (s *Memory) Replay(ids []ID, target string, keep func(string) bool, now time.Time) ([]Delivery, int, error) {
+// Replay implements DeadLetters.
+func (s *Memory) Replay(_ context.Context, ids []ID, target string, keep func(string) bool) (int, error) {
 	if err := s.lock(); err != nil {
-		return nil, 0, err
+		return 0, err
 	}
 	defer s.mu.Unlock()
-	var out []Delivery
-	revived := 0
+	now := s.now()
+	moved := 0
 	for _, t := range sortedKeys(s.dead) {
 		if (target != "" && t != target) || (keep != nil && !keep(t)) {
 			continue
@@ -351,33 +382,39 @@ func (s *Memory) Replay(ids []ID, target string, keep func(string) bool, now tim
 				}
 			}
 		}
+		if len(move) == 0 {
+			continue
+		}
+		if s.pending[t] == nil {
+			s.pending[t] = map[ID]*Delivery{}
+		}
+		items := make([]item, 0, len(move))
 		for _, d := range move {
 			delete(s.dead[t], d.ID)
-			if s.pending[t] == nil {
-				s.pending[t] = map[ID]*Delivery{}
-			}
-			nd := Delivery{ID: d.ID, Target: t, ReceivedAt: d.ReceivedAt, NextAt: now}
-			s.pending[t][d.ID] = &nd
+			nd := &Delivery{ID: d.ID, Target: t, ReceivedAt: d.ReceivedAt, NextAt: now}
+			s.pending[t][d.ID] = nd
 			if e := s.events[d.ID]; e != nil {
 				if e.owed == 0 {
-					revived++
+					s.pendingEvents++
 				}
 				e.owed++
 				e.dead--
 			}
-			out = append(out, nd)
+			items = append(items, itemOf(nd))
+			moved++
 		}
+		s.qs.get(t).pushAll(items)
 	}
-	return out, revived, nil
+	return moved, nil
 }
 
-// DeleteDead implements Store.
-func (s *Memory) DeleteDead(id ID, target string) (map[string]int, error) {
+// DeleteDead implements DeadLetters.
+func (s *Memory) DeleteDead(_ context.Context, id ID, target string) (int, error) {
 	if err := s.lock(); err != nil {
-		return nil, err
+		return 0, err
 	}
 	defer s.mu.Unlock()
-	n := map[string]int{}
+	n := 0
 	e := s.events[id]
 	for t, m := range s.dead {
 		if target != "" && t != target {
@@ -385,7 +422,7 @@ func (s *Memory) DeleteDead(id ID, target string) (map[string]int, error) {
 		}
 		if _, ok := m[id]; ok {
 			delete(m, id)
-			n[t]++
+			n++
 			if e != nil {
 				e.dead--
 			}
@@ -397,45 +434,100 @@ func (s *Memory) DeleteDead(id ID, target string) (map[string]int, error) {
 	return n, nil
 }
 
-// ExpireKeys implements Store.
-func (s *Memory) ExpireKeys(now time.Time) (int, error) {
+func (st *memState) expired(now time.Time) bool {
+	return !st.expiry.IsZero() && !st.expiry.After(now)
+}
+
+// State implements KeyStates.
+func (s *Memory) State(_ context.Context, space, key string, now time.Time) ([]byte, uint64, error) {
+	k, err := stateKey(space, key)
+	if err != nil {
+		return nil, 0, err
+	}
+	if err := s.lock(); err != nil {
+		return nil, 0, err
+	}
+	defer s.mu.Unlock()
+	st := s.states[string(k)]
+	if st == nil || st.expired(now) {
+		return nil, 0, ErrNotFound
+	}
+	return bytes.Clone(st.value), st.rev, nil
+}
+
+// SetState implements KeyStates. Revisions come from one counter, so that
+// a record written anew after another expired never has a revision the
+// old one had.
+func (s *Memory) SetState(_ context.Context, space, key string, value []byte, rev uint64, expiry time.Time) (uint64, error) {
+	k, err := stateKey(space, key)
+	if err != nil {
+		return 0, err
+	}
 	if err := s.lock(); err != nil {
 		return 0, err
 	}
 	defer s.mu.Unlock()
-	n := 0
-	for id, exp := range s.keys {
-		if !exp.After(now) {
-			delete(s.keys, id)
-			n++
-		}
+	var cur uint64
+	if st := s.states[string(k)]; st != nil && !st.expired(s.now()) {
+		cur = st.rev
 	}
-	return n, nil
+	if cur != rev {
+		return 0, ErrConflict
+	}
+	s.rev++
+	s.states[string(k)] = &memState{value: bytes.Clone(value), rev: s.rev, expiry: expiry}
+	return s.rev, nil
 }
 
-// Stats implements Store.
-func (s *Memory) Stats(now time.Time) (Stats, error) {
+// Counts implements Counter.
+func (s *Memory) Counts(context.Context) (Counts, error) {
 	if err := s.lock(); err != nil {
-		return Stats{}, err
+		return Counts{}, err
 	}
 	defer s.mu.Unlock()
-	st := Stats{Pending: map[string]int{}, Dead: map[string]int{}, Keys: len(s.keys)}
-	for _, e := range s.events {
-		if e.owed > 0 {
-			st.PendingEvents++
-		}
-	}
+	c := Counts{PendingEvents: s.pendingEvents, Targets: map[string]TargetCounts{}}
 	for t, m := range s.pending {
-		if len(m) > 0 {
-			st.Pending[t] = len(m)
+		if len(m) == 0 {
+			continue
 		}
+		tc := TargetCounts{Pending: len(m)}
+		for _, d := range m {
+			if tc.OldestPending.IsZero() || d.ReceivedAt.Before(tc.OldestPending) {
+				tc.OldestPending = d.ReceivedAt
+			}
+		}
+		c.Targets[t] = tc
 	}
 	for t, m := range s.dead {
-		if len(m) > 0 {
-			st.Dead[t] = len(m)
+		if len(m) == 0 {
+			continue
+		}
+		tc := c.Targets[t]
+		tc.Dead = len(m)
+		c.Targets[t] = tc
+	}
+	return c, nil
+}
+
+// Pending calls fn for every pending delivery, target by target, oldest
+// event first: for tests that look at what the relay left.
+func (s *Memory) Pending(fn func(d *Delivery) error) error {
+	if err := s.lock(); err != nil {
+		return err
+	}
+	var all []Delivery
+	for _, t := range sortedKeys(s.pending) {
+		for _, d := range sortedDeliveries(s.pending[t]) {
+			all = append(all, *d)
 		}
 	}
-	return st, nil
+	s.mu.Unlock()
+	for i := range all {
+		if err := fn(&all[i]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 var _ Store = (*Memory)(nil)
