@@ -54,7 +54,7 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		if r.Method != http.MethodGet {
 			return apiErr(http.StatusMethodNotAllowed, "method %s not allowed", r.Method)
 		}
-		return a.overview(w)
+		return a.overview(w, r)
 	}
 	parts := strings.Split(rest, "/")
 	if len(parts) < 2 || parts[1] != "dead_letters" {
@@ -78,12 +78,11 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 }
 
 type relayOverview struct {
-	Name          string              `json:"name"`
-	PendingEvents int64               `json:"pending_events"`
-	Targets       []relay.TargetStats `json:"targets"`
+	Name string `json:"name"`
+	relay.Overview
 }
 
-func (a adminAPI) overview(w http.ResponseWriter) error {
+func (a adminAPI) overview(w http.ResponseWriter, r *http.Request) error {
 	out := struct {
 		Relays []relayOverview `json:"relays"`
 	}{Relays: []relayOverview{}}
@@ -99,7 +98,7 @@ func (a adminAPI) overview(w http.ResponseWriter) error {
 		return true
 	})
 	for name, e := range byName {
-		out.Relays = append(out.Relays, relayOverview{Name: name, PendingEvents: e.PendingEvents(), Targets: e.Stats()})
+		out.Relays = append(out.Relays, relayOverview{Name: name, Overview: e.Overview(r.Context())})
 	}
 	sort.Slice(out.Relays, func(i, j int) bool { return out.Relays[i].Name < out.Relays[j].Name })
 	return writeJSON(w, out)
@@ -135,7 +134,7 @@ func (a adminAPI) list(w http.ResponseWriter, r *http.Request, e *relay.Engine) 
 		}
 		limit = min(n, maxPageSize)
 	}
-	list, next, err := e.DeadLetters(q.Get("target"), q.Get("cursor"), limit)
+	list, next, err := e.DeadLetters(r.Context(), q.Get("target"), q.Get("cursor"), limit)
 	if err != nil {
 		if errors.Is(err, relay.ErrUnavailable) {
 			return apiErr(http.StatusServiceUnavailable, "relay not running")
@@ -183,7 +182,7 @@ func (a adminAPI) replay(w http.ResponseWriter, r *http.Request, e *relay.Engine
 	if req.EventIDs != nil && len(ids) == 0 {
 		return writeJSON(w, map[string]int{"replayed": 0})
 	}
-	n, err := e.Replay(ids, req.Target)
+	n, err := e.Replay(r.Context(), ids, req.Target)
 	if err != nil {
 		return apiErr(http.StatusServiceUnavailable, "replaying: %v", err)
 	}
@@ -195,7 +194,7 @@ func (a adminAPI) delete(w http.ResponseWriter, r *http.Request, e *relay.Engine
 	if err != nil {
 		return apiErr(http.StatusBadRequest, "event id %q: %v", rawID, err)
 	}
-	n, err := e.DeleteDead(id, r.URL.Query().Get("target"))
+	n, err := e.DeleteDead(r.Context(), id, r.URL.Query().Get("target"))
 	if err != nil {
 		return apiErr(http.StatusServiceUnavailable, "deleting: %v", err)
 	}

@@ -48,7 +48,7 @@ func TestRestartDeliversPending(t *testing.T) {
 		t.Fatal("the engine is still in the pool after the last config using it stopped")
 	}
 	// The engine closed the file: it opens at once, and holds every event.
-	st, err := store.OpenBolt(path, 100*time.Millisecond)
+	st, err := store.OpenBolt(path, store.BoltOptions{Timeout: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatalf("reopening the store after stop: %v", err)
 	}
@@ -269,23 +269,25 @@ func TestStoreLocation(t *testing.T) {
 		t.Fatal(err)
 	}
 	tests := []struct {
-		storage, name, want string
+		storage    StorageBackend
+		name, want string
 	}{
-		{"", "okhi", "bolt:" + filepath.Join(data, "caddy", "webhook_relay", "okhi", "relay.db")},
-		{"/var/lib/relay", "okhi", "bolt:/var/lib/relay/relay.db"},
-		{"/var/lib/relay/", "okhi", "bolt:/var/lib/relay/relay.db"},
-		{rel, "okhi", "bolt:" + filepath.Join(abs, "relay.db")},
-		{StorageMemory, "okhi", "memory:okhi"},
+		{nil, "okhi", "bolt:" + filepath.Join(data, "caddy", "webhook_relay", "okhi", "relay.db")},
+		{&BoltStorage{}, "okhi", "bolt:" + filepath.Join(data, "caddy", "webhook_relay", "okhi", "relay.db")},
+		{&BoltStorage{Dir: "/var/lib/relay"}, "okhi", "bolt:/var/lib/relay/relay.db"},
+		{&BoltStorage{Dir: "/var/lib/relay/"}, "okhi", "bolt:/var/lib/relay/relay.db"},
+		{&BoltStorage{Dir: rel}, "okhi", "bolt:" + filepath.Join(abs, "relay.db")},
+		{MemoryStorage{}, "okhi", "memory:okhi"},
 	}
 	for _, tt := range tests {
-		h := Handler{Storage: tt.storage}
+		h := Handler{storage: tt.storage}
 		key, open, err := h.storeOpener(tt.name)
 		if err != nil {
-			t.Errorf("storage %q: %v", tt.storage, err)
+			t.Errorf("storage %#v: %v", tt.storage, err)
 			continue
 		}
 		if key != tt.want || open == nil {
-			t.Errorf("storage %q of relay %s: key %q, want %q", tt.storage, tt.name, key, tt.want)
+			t.Errorf("storage %#v of relay %s: key %q, want %q", tt.storage, tt.name, key, tt.want)
 		}
 	}
 }

@@ -72,11 +72,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		e.Observe(relay.ResultInvalid, time.Since(start))
 		return nil
 	}
-	res, err := e.Receive(body, r.Header.Get("Content-Type"))
+	res, err := e.Receive(r.Context(), body, r.Header.Get("Content-Type"))
 	if errors.Is(err, relay.ErrUnavailable) && e.IsNew() {
 		// A request beat the webhook_relay app's Start: open here.
 		if oerr := e.Open(); oerr == nil {
-			res, err = e.Receive(body, r.Header.Get("Content-Type"))
+			res, err = e.Receive(r.Context(), body, r.Header.Get("Content-Type"))
 		}
 	}
 	if err != nil {

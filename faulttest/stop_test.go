@@ -67,12 +67,12 @@ func TestGracefulStop(t *testing.T) {
 		inflight, took.Round(time.Millisecond), exitCode(err), len(ackedAtStop))
 
 	// What the stop left in the store.
-	st, err := store.OpenBolt(filepath.Join(storeDir, "relay.db"), time.Second)
+	st, err := store.OpenBolt(filepath.Join(storeDir, "relay.db"), store.BoltOptions{Timeout: time.Second})
 	if err != nil {
 		t.Fatalf("opening the store after the stop: %v", err)
 	}
 	pending := map[string]bool{}
-	err = store.ForEachPending(st, func(d *store.Delivery) error {
+	err = st.Pending(func(d *store.Delivery) error {
 		if d.Target == "slow" {
 			pending[d.ID.String()] = true
 		}

@@ -81,21 +81,21 @@ func TestBreakerHoldsFailingTarget(t *testing.T) {
 // nothing succeeded for the quiet period, so a flaky target that still
 // answers is not held; cooldowns follow the failures since the trip.
 func TestBreakerQuietPeriod(t *testing.T) {
-	var q queue
+	q := newBreaker()
 	const quiet = 100 * time.Millisecond
 	var asked []int
 	cooldown := func(n int) time.Duration { asked = append(asked, n); return time.Duration(n) * time.Second }
 	at := func(ms int) int64 { return int64(ms) * int64(time.Millisecond) }
 	q.answered(at(1000))
 	for i := range 2 * tripAfter {
-		if q.failed(at(1001+i), quiet, cooldown, time.Second) {
+		if q.failed(at(1001+i), quiet, cooldown) {
 			t.Fatalf("held after %d failures within %s of a success", i+1, quiet)
 		}
 	}
-	if !q.failed(at(1100), quiet, cooldown, time.Second) || !q.isHeld() {
+	if !q.failed(at(1100), quiet, cooldown) || !q.isHeld() {
 		t.Fatal("not held after 21 failures and 100ms without a success")
 	}
-	if q.failed(at(1200), quiet, cooldown, time.Second) {
+	if q.failed(at(1200), quiet, cooldown) {
 		t.Error("a second trip reported")
 	}
 	if fmt.Sprint(asked) != "[1 2]" || q.holdUntil != at(1200)+int64(2*time.Second) {
@@ -105,7 +105,7 @@ func TestBreakerQuietPeriod(t *testing.T) {
 		t.Fatal("an answer did not release the target")
 	}
 	for i := range tripAfter {
-		if q.failed(at(1301+i), quiet, cooldown, time.Second) {
+		if q.failed(at(1301+i), quiet, cooldown) {
 			t.Fatalf("held %d failures after a release, within the quiet period", i+1)
 		}
 	}

@@ -64,7 +64,7 @@ func dedupeEngine(t *testing.T, dd DedupeConfig) (*Engine, *fakeClock, *Metrics,
 	e := openEngine(t, Config{
 		Dedupe:  dd,
 		Targets: []TargetConfig{fastTarget("legacy", target.URL)},
-	}, Options{OpenStore: memStore(), Now: clock.Now, Metrics: m})
+	}, Options{OpenStore: memStore(clock.Now), Now: clock.Now, Metrics: m})
 	return e, clock, m, target
 }
 
@@ -79,7 +79,7 @@ func TestDedupeWithinAndAfterTTL(t *testing.T) {
 		t.Errorf("duplicate id %s, want %s", got, first)
 	}
 	clock.Advance(2 * time.Minute) // past the TTL
-	n, err := e.ExpireKeys()
+	n, err := e.ExpireKeys(t.Context())
 	if err != nil || n != 1 {
 		t.Fatalf("ExpireKeys = %d, %v; want 1", n, err)
 	}
@@ -103,12 +103,12 @@ func TestDedupeUndeliveredOutlivesTTL(t *testing.T) {
 	e := openEngine(t, Config{
 		Dedupe:  DedupeConfig{TTL: time.Hour},
 		Targets: []TargetConfig{tc},
-	}, Options{OpenStore: memStore(), Now: clock.Now})
+	}, Options{OpenStore: memStore(clock.Now), Now: clock.Now})
 	body := v3Body("evt-1")
 	mustAccept(t, e, body)
 	waitFor(t, "the first attempt", 5*time.Second, func() bool { return target.count() == 1 })
 	clock.Advance(3 * time.Hour)
-	if _, err := e.ExpireKeys(); err != nil {
+	if _, err := e.ExpireKeys(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	mustDuplicate(t, e, body)
@@ -182,7 +182,7 @@ func TestDedupeConcurrentReceipts(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			res, err := e.Receive([]byte(v3Body("evt-1")), "application/json")
+			res, err := e.Receive(t.Context(), []byte(v3Body("evt-1")), "application/json")
 			if err != nil {
 				t.Errorf("Receive: %v", err)
 			}

@@ -29,7 +29,7 @@ func TestForwardedRequest(t *testing.T) {
 	// Odd spacing, unicode and escapes: forwarded byte for byte.
 	body := "{\"v2\": {\"address_verification_id\":\"ONYgUOybCU\" ,\"verification_status\":\"verified\",\n\"verification_mode\":\"first_time\",\"note\":\"M\u00e9r\u00fb \\u00e9 \\\"x\\\"\"}}\n"
 	const ctype = "application/json; charset=utf-8"
-	res, err := e.Receive([]byte(body), ctype)
+	res, err := e.Receive(t.Context(), []byte(body), ctype)
 	if err != nil || res.Duplicate {
 		t.Fatalf("Receive = %+v, %v", res, err)
 	}
@@ -76,7 +76,7 @@ func TestForwardedRequestWithoutContentType(t *testing.T) {
 	target := newTestTarget(t, nil)
 	e := openEngine(t, Config{Source: SourceGeneric, Targets: []TargetConfig{fastTarget("t", target.URL)}}, Options{OpenStore: memStore()})
 	body := "\x00\x01 not json \xff"
-	if _, err := e.Receive([]byte(body), ""); err != nil {
+	if _, err := e.Receive(t.Context(), []byte(body), ""); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the delivery", 5*time.Second, func() bool { return target.count() == 1 })
@@ -254,7 +254,7 @@ func TestMaxAge(t *testing.T) {
 		m := NewMetrics()
 		tc := fastTarget("t", target.URL)
 		tc.MaxAge = time.Hour
-		e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: memStore(), Now: clock.Now, Metrics: m})
+		e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: memStore(clock.Now), Now: clock.Now, Metrics: m})
 		received := clock.Now()
 		mustAccept(t, e, v3Body("a"))
 		waitFor(t, "the first attempt settled", 5*time.Second, func() bool {
@@ -312,7 +312,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 					w.WriteHeader(http.StatusServiceUnavailable)
 				}
 			})
-			st := store.NewMemory()
+			st := store.NewMemory(store.MemoryOptions{Now: clock.Now})
 			m := NewMetrics()
 			tc := fastTarget("t", target.URL)
 			tc.BackoffMax = tt.max
@@ -323,7 +323,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 				return testutil.ToFloat64(m.Deliveries.WithLabelValues(DefaultName, "t", "retried")) == 1
 			})
 			var next time.Time
-			if err := store.ForEachPending(st, func(d *store.Delivery) error { next = d.NextAt; return nil }); err != nil {
+			if err := st.Pending(func(d *store.Delivery) error { next = d.NextAt; return nil }); err != nil {
 				t.Fatal(err)
 			}
 			if wait := next.Sub(clock.Now()); wait < tt.wantMin || wait > tt.wantMax {

@@ -27,7 +27,7 @@ type Options struct {
 	Logger *zap.Logger
 	// Metrics; nil makes private ones (for tests and embedding).
 	Metrics *Metrics
-	// Now is the clock; nil is time.Now.
+	// Now is the clock; nil is time.Now. Give the store the same one.
 	Now func() time.Time
 }
 
@@ -39,7 +39,14 @@ const (
 	stateClosed
 )
 
-// Engine receives, stores and delivers the events of one relay.
+// adminTimeout bounds a store call made for the admin API or the gauges
+// when the caller gave no deadline of its own.
+const adminTimeout = 10 * time.Second
+
+// Engine receives, stores and delivers the events of one relay. It owns
+// no delivery state of its own: the store keeps the queues, the attempts
+// and the counts; the engine keeps the settings, the workers, the
+// breakers and the in-memory dedupe cache.
 type Engine struct {
 	opts Options
 	now  func() time.Time
@@ -47,30 +54,24 @@ type Engine struct {
 	m    *Metrics
 
 	// mu orders config changes against Receive: Receive holds it shared
-	// from reading the config until its deliveries are queued.
+	// while it writes, so that no event is stored for a target that an
+	// Update is retiring.
 	mu      sync.RWMutex
 	cfg     *Config
 	state   engineState
 	st      store.Store
 	targets map[string]*target
-	counts  map[string]*counts // every target with state, removed ones too
 	dd      *dedupe
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
-
-	pendingEvents atomic.Int64
-	loaded        chan struct{} // closed once Open's backlog is queued
+	loaded  chan struct{}                  // closed once the store's backlog is queued
 
 	settleErrors atomic.Int64
 	settleLogged atomic.Int64 // unix ns of the last such log line
+	takeLogged   atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-}
-
-// counts are a target's gauges.
-type counts struct {
-	pending, dead atomic.Int64
 }
 
 // engineCounters are the metric children of one relay name, resolved once.
@@ -97,7 +98,6 @@ func New(cfg Config, opts Options) (*Engine, error) {
 		m:       opts.Metrics,
 		cfg:     &c,
 		targets: map[string]*target{},
-		counts:  map[string]*counts{},
 		loaded:  make(chan struct{}),
 	}
 	if e.now == nil {
@@ -142,10 +142,10 @@ func (e *Engine) Config() Config {
 }
 
 // Open opens the store and starts the workers; from then on the engine
-// takes events. The deliveries pending in the store are queued in the
-// background (see load), so that a restart with a large backlog serves at
-// once. Deliveries pending at a target the config no longer has become
-// dead letters first. Calling Open on an open engine does nothing.
+// takes events. A store that loads its backlog in the background
+// (store.Loader) serves at once; once it has loaded, the deliveries still
+// pending at targets the config no longer has are retired. Calling Open
+// on an open engine does nothing.
 func (e *Engine) Open() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -159,149 +159,79 @@ func (e *Engine) Open() error {
 	if err != nil {
 		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
 	}
-	bl, err := e.killRemoved(st)
-	if err != nil {
-		st.Close()
-		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
-	}
 	e.st = st
-	pending := bl.PendingEvents()
-	e.pendingEvents.Store(int64(pending))
 	e.ctx, e.cancel = context.WithCancel(context.Background())
-	loading := map[string]*target{}
 	for i := range e.cfg.Targets {
-		tc := e.cfg.Targets[i]
-		t := e.newTarget(tc)
-		e.targets[tc.Name] = t
-		loading[tc.Name] = t
+		t, err := e.newTarget(e.cfg.Targets[i])
+		if err != nil {
+			e.cancel()
+			st.Close()
+			e.st = nil
+			e.targets = map[string]*target{}
+			return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
+		}
+		e.targets[t.name] = t
+	}
+	for _, t := range e.targets {
 		e.startWorkers(t)
 	}
-	// The gauges of targets with dead letters, removed ones too, exist
-	// before the load, so that a change made meanwhile has one to move.
-	dead := map[string]*counts{}
-	for _, name := range bl.DeadTargets() {
-		dead[name] = e.countsOf(name)
-	}
 	e.wg.Add(2)
-	go e.load(bl, loading, dead)
+	go e.retireRemoved()
 	go e.janitor()
 	e.state = stateOpen
 	e.m.add(e)
-	e.log.Info("relay open",
-		zap.String("relay", e.cfg.Name),
-		zap.Int("pending_events", pending))
+	e.log.Info("relay open", zap.String("relay", e.cfg.Name))
 	return nil
 }
 
-// killRemoved dead-letters the deliveries pending at targets the config no
-// longer has, and returns the store's backlog taken after that.
-func (e *Engine) killRemoved(st store.Store) (store.Backlog, error) {
-	bl, err := st.Backlog()
+// retireRemoved waits for the store's backlog, then retires the targets
+// with deliveries that the config does not have.
+func (e *Engine) retireRemoved() {
+	defer e.wg.Done()
+	defer close(e.loaded)
+	if l, ok := e.st.(store.Loader); ok {
+		select {
+		case <-l.Loaded():
+		case <-e.ctx.Done():
+			return
+		}
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, adminTimeout)
+	defer cancel()
+	counts, err := e.st.Counts(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("reading store: %w", err)
+		if e.ctx.Err() == nil {
+			e.log.Warn("could not count the store's deliveries: targets removed from the config keep theirs until the next start",
+				zap.String("relay", e.Name()), zap.Error(err))
+		}
+		return
 	}
-	configured := map[string]bool{}
-	for _, t := range e.cfg.Targets {
-		configured[t.Name] = true
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.state != stateOpen {
+		return
 	}
-	var removed []string
-	for _, name := range bl.Targets() {
-		if !configured[name] {
-			removed = append(removed, name)
+	for _, name := range sortedNames(counts.Targets) {
+		if e.targets[name] == nil && counts.Targets[name].Pending > 0 {
+			e.retire(name)
 		}
 	}
-	if len(removed) == 0 {
-		return bl, nil
+}
+
+// retire tells the store that the config no longer has target; a store of
+// one instance makes its pending deliveries dead letters. e.mu is held.
+func (e *Engine) retire(name string) {
+	ctx, cancel := context.WithTimeout(e.ctx, adminTimeout)
+	defer cancel()
+	moved, err := e.st.Retire(ctx, name, ReasonTargetRemoved)
+	if err != nil {
+		e.log.Error("retiring a target removed from config", zap.String("target", name), zap.Error(err))
+		return
 	}
-	bl.Close()
-	for _, name := range removed {
-		moved, _, err := st.KillTarget(name, ReasonTargetRemoved, e.now())
-		if err != nil {
-			return nil, fmt.Errorf("dead-lettering deliveries of removed target %s: %w", name, err)
-		}
+	if moved > 0 {
 		e.log.Warn("target removed from config: its pending deliveries are now dead letters",
 			zap.String("target", name), zap.Int("count", moved))
 	}
-	bl, err = st.Backlog()
-	if err != nil {
-		return nil, fmt.Errorf("reading store: %w", err)
-	}
-	return bl, nil
-}
-
-// loadBatch is how many deliveries load queues at a time.
-const loadBatch = 4096
-
-// load queues the backlog taken when the engine opened, while the engine
-// already takes and delivers new events. The backlog holds exactly what was
-// stored before Open returned, so no delivery is queued twice; it adds its
-// counts to the gauges (dead letters first, pending ones as they are
-// queued), which every write since has moved by its own change. It never
-// takes the engine's lock while it holds the backlog: bbolt cannot grow its
-// mapping while a snapshot is open, and an Update holding the lock may be
-// waiting for a write.
-func (e *Engine) load(bl store.Backlog, targets map[string]*target, deadCounts map[string]*counts) {
-	defer e.wg.Done()
-	defer close(e.loaded)
-	start := time.Now()
-	n := 0
-	batch := map[*target][]item{}
-	flush := func() {
-		for t, items := range batch {
-			t.counts.pending.Add(int64(len(items)))
-			select {
-			case <-t.quit: // removed meanwhile: its deliveries are dead letters now
-			default:
-				t.q.pushAll(items)
-			}
-			batch[t] = items[:0]
-		}
-	}
-	dead, err := bl.Dead()
-	for name, k := range dead {
-		if c := deadCounts[name]; c != nil {
-			c.dead.Add(int64(k))
-		}
-	}
-	if err == nil {
-		err = bl.Pending(func(d *store.Delivery) error {
-			if err := e.ctx.Err(); err != nil {
-				return err
-			}
-			t := targets[d.Target]
-			if t == nil { // cannot be: removed targets were settled before
-				return nil
-			}
-			batch[t] = append(batch[t], itemOf(d))
-			if n++; n%loadBatch == 0 {
-				flush()
-			}
-			return nil
-		})
-	}
-	flush()
-	bl.Close()
-	if errors.Is(err, context.Canceled) {
-		return
-	}
-	if err != nil {
-		e.log.Error("loading pending deliveries: some stay undelivered until the next start",
-			zap.String("relay", e.Name()), zap.Error(err))
-		return
-	}
-	if n > 0 {
-		e.log.Info("pending deliveries queued",
-			zap.String("relay", e.Name()), zap.Int("count", n), zap.Duration("took", time.Since(start)))
-	}
-}
-
-func (e *Engine) countsOf(name string) *counts {
-	c := e.counts[name]
-	if c == nil {
-		c = &counts{}
-		e.counts[name] = c
-	}
-	return c
 }
 
 // Close stops the workers (an attempt under way is abandoned and stays
@@ -319,8 +249,7 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	e.wg.Wait()
 	for _, t := range targets {
-		t.q.stop()
-		t.conns.CloseIdleConnections()
+		t.stop()
 	}
 	e.m.remove(e)
 	err := e.st.Close()
@@ -330,8 +259,8 @@ func (e *Engine) Close() error {
 
 // Update applies new settings to the live engine: dedupe capacity,
 // limits, and targets (added ones start, changed ones take their new
-// settings from their next attempt on, removed ones stop and what they
-// still owed becomes dead letters).
+// settings from their next attempt on, removed ones stop and are retired
+// in the store).
 func (e *Engine) Update(cfg Config) error {
 	c, err := cfg.WithDefaults()
 	if err != nil {
@@ -352,19 +281,29 @@ func (e *Engine) Update(cfg Config) error {
 		return nil
 	}
 	keep := map[string]bool{}
+	var errs []error
 	for i := range c.Targets {
 		tc := c.Targets[i]
 		keep[tc.Name] = true
 		if t := e.targets[tc.Name]; t != nil {
-			if !reflect.DeepEqual(*t.cfg.Swap(&tc), tc) && t.q.release() {
-				// A new URL, timeout or header may be the fix.
-				e.log.Info("target changed: its held deliveries resume", zap.String("target", tc.Name))
+			if !reflect.DeepEqual(*t.cfg.Swap(&tc), tc) {
+				if _, err := e.st.Queue(tc.Name, leaseFor(&tc)); err != nil {
+					errs = append(errs, fmt.Errorf("target %s: %w", tc.Name, err))
+				}
+				if t.brk.release() {
+					// A new URL, timeout or header may be the fix.
+					e.log.Info("target changed: its held deliveries resume", zap.String("target", tc.Name))
+				}
 			}
 			e.startWorkers(t)
-			t.q.wake()
+			t.lookAgain(e.ctx)
 			continue
 		}
-		t := e.newTarget(tc)
+		t, err := e.newTarget(tc)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("target %s: %w", tc.Name, err))
+			continue
+		}
 		e.targets[tc.Name] = t
 		e.startWorkers(t)
 	}
@@ -372,30 +311,14 @@ func (e *Engine) Update(cfg Config) error {
 		if keep[tc.Name] {
 			continue
 		}
-		t := e.targets[tc.Name]
-		delete(e.targets, tc.Name)
-		if t == nil {
-			continue
+		if t := e.targets[tc.Name]; t != nil {
+			delete(e.targets, tc.Name)
+			close(t.quit)
+			t.stop()
 		}
-		close(t.quit)
-		t.q.stop()
-		// Close skips removed targets: free their idle connections now.
-		t.conns.CloseIdleConnections()
-		moved, settled, err := e.st.KillTarget(tc.Name, ReasonTargetRemoved, e.now())
-		if err != nil {
-			e.log.Error("dead-lettering deliveries of removed target", zap.String("target", tc.Name), zap.Error(err))
-			continue
-		}
-		t.counts.pending.Add(-int64(moved))
-		t.counts.dead.Add(int64(moved))
-		t.metrics.Load().dead.Add(float64(moved))
-		e.pendingEvents.Add(-int64(settled))
-		if moved > 0 {
-			e.log.Warn("target removed from config: its pending deliveries are now dead letters",
-				zap.String("target", tc.Name), zap.Int("count", moved))
-		}
+		e.retire(tc.Name)
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // Result is the answer to one received event.
@@ -406,8 +329,9 @@ type Result struct {
 
 // Receive dedupes and durably stores one event; when it returns without
 // error the event may be acked. Errors are ErrUnavailable or ErrFull
-// (answer 503: the sender keeps the event and retries).
-func (e *Engine) Receive(body []byte, contentType string) (Result, error) {
+// (answer 503: the sender keeps the event and retries). ctx bounds the
+// wait for a shared store.
+func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (Result, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if e.state != stateOpen {
@@ -422,53 +346,35 @@ func (e *Engine) Receive(body []byte, contentType string) (Result, error) {
 		res.Duplicate = true
 		return res, nil
 	}
-	var targets []*target
+	var names []string
 	for i := range cfg.Targets {
 		if cfg.Targets[i].Matches(body) {
-			targets = append(targets, e.targets[cfg.Targets[i].Name])
+			names = append(names, cfg.Targets[i].Name)
 		}
 	}
-	if len(targets) > 0 {
-		if e.pendingEvents.Add(1) > int64(cfg.MaxPending) {
-			e.pendingEvents.Add(-1)
-			if dedupe {
-				if seen, err := e.st.Seen(id, now); err == nil && seen {
-					res.Duplicate = true
-					return res, nil
-				}
-			}
-			return res, ErrFull
-		}
-	}
-	var expiry time.Time
+	opts := store.AcceptOptions{MaxPending: cfg.MaxPending}
 	if dedupe {
-		expiry = now.Add(cfg.Dedupe.TTL)
+		opts.KeyExpiry = now.Add(cfg.Dedupe.TTL)
 	}
-	names := make([]string, len(targets))
-	for i, t := range targets {
-		names[i] = t.name
-	}
-	dup, err := e.st.Accept(&store.Event{ID: id, ReceivedAt: now, ContentType: contentType, Body: body}, names, expiry, now)
-	if err != nil || dup {
-		if len(targets) > 0 {
-			e.pendingEvents.Add(-1)
+	ev := &store.Event{ID: id, ReceivedAt: now, ContentType: contentType, Body: body}
+	dup, err := e.st.Accept(ctx, ev, names, opts)
+	if errors.Is(err, store.ErrFull) {
+		if dedupe {
+			if seen, err := e.st.Seen(ctx, id, now); err == nil && seen {
+				res.Duplicate = true
+				return res, nil
+			}
 		}
+		return res, ErrFull
 	}
 	if err != nil {
 		return res, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	if dedupe {
 		// Only now that it is stored does the key count as seen.
-		e.dd.add(id, expiry, now)
+		e.dd.add(id, opts.KeyExpiry, now)
 	}
-	if dup {
-		res.Duplicate = true
-		return res, nil
-	}
-	for _, t := range targets {
-		t.counts.pending.Add(1)
-		t.q.push(item{due: now.UnixNano(), recv: now.UnixNano(), id: id})
-	}
+	res.Duplicate = dup
 	return res, nil
 }
 
@@ -500,34 +406,98 @@ type TargetStats struct {
 	Configured  bool   `json:"configured"`
 	Pending     int64  `json:"pending"`
 	DeadLetters int64  `json:"dead_letters"`
+	// OldestPendingSeconds is the age of the oldest event still waiting
+	// for the target.
+	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
 	// Held: the target failed too often in a row; its deliveries wait
 	// while one probe at a time finds out whether it is back.
 	Held bool `json:"held"`
 }
 
+// Overview is the relay's state as the admin API shows it.
+type Overview struct {
+	PendingEvents int64         `json:"pending_events"`
+	StoreUp       bool          `json:"store_up"`
+	StoreError    string        `json:"store_error,omitempty"`
+	Targets       []TargetStats `json:"targets"`
+}
+
+// Overview returns the counts of every target with state, sorted by name,
+// and whether the store takes writes.
+func (e *Engine) Overview(ctx context.Context) Overview {
+	var ov Overview
+	up, err := e.StoreUp()
+	ov.StoreUp = up
+	if err != nil {
+		ov.StoreError = err.Error()
+	}
+	counts, err := e.counts(ctx)
+	if err != nil && ov.StoreError == "" {
+		ov.StoreError = err.Error()
+	}
+	ov.PendingEvents = int64(counts.PendingEvents)
+	ov.Targets = e.targetStats(counts)
+	return ov
+}
+
 // Stats returns the counts of every target with state, sorted by name.
 func (e *Engine) Stats() []TargetStats {
+	counts, _ := e.counts(context.Background())
+	return e.targetStats(counts)
+}
+
+func (e *Engine) targetStats(counts store.Counts) []TargetStats {
+	now := e.now()
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	out := make([]TargetStats, 0, len(e.counts))
-	for name, c := range e.counts {
+	out := make([]TargetStats, 0, len(counts.Targets)+len(e.cfg.Targets))
+	for name, c := range counts.Targets {
 		t, ok := e.targets[name]
-		if !ok && c.pending.Load() == 0 && c.dead.Load() == 0 {
+		if !ok && c.Pending == 0 && c.Dead == 0 {
 			continue
 		}
-		out = append(out, TargetStats{Name: name, Configured: ok, Pending: c.pending.Load(), DeadLetters: c.dead.Load(), Held: ok && t.q.isHeld()})
+		ts := TargetStats{Name: name, Configured: ok, Pending: int64(c.Pending), DeadLetters: int64(c.Dead), Held: ok && t.brk.isHeld()}
+		if !c.OldestPending.IsZero() {
+			ts.OldestPendingSeconds = max(now.Sub(c.OldestPending).Seconds(), 0)
+		}
+		out = append(out, ts)
 	}
-	for _, t := range e.cfg.Targets {
-		if _, ok := e.counts[t.Name]; !ok {
-			out = append(out, TargetStats{Name: t.Name, Configured: true})
+	for _, tc := range e.cfg.Targets {
+		if _, ok := counts.Targets[tc.Name]; !ok {
+			t := e.targets[tc.Name]
+			out = append(out, TargetStats{Name: tc.Name, Configured: true, Held: t != nil && t.brk.isHeld()})
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
+// counts asks the store for its counts, bounded by adminTimeout.
+func (e *Engine) counts(ctx context.Context) (store.Counts, error) {
+	st, err := e.openStore()
+	if err != nil {
+		return store.Counts{}, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, adminTimeout)
+	defer cancel()
+	return st.Counts(ctx)
+}
+
+// StoreUp reports whether the store takes writes now, and why not.
+func (e *Engine) StoreUp() (bool, error) {
+	st, err := e.openStore()
+	if err != nil {
+		return false, err
+	}
+	if h, ok := st.(store.Health); ok {
+		return h.Up()
+	}
+	return true, nil
+}
+
 // Loaded is closed once the deliveries pending when the engine opened are
-// queued and counted in Stats (or the engine closed first).
+// queued and counted, and those of removed targets retired (or the engine
+// closed first).
 func (e *Engine) Loaded() <-chan struct{} { return e.loaded }
 
 // IsOpen reports whether the engine is open (and not yet closed).
@@ -545,7 +515,10 @@ func (e *Engine) IsNew() bool {
 }
 
 // PendingEvents returns how many events are still owed to a target.
-func (e *Engine) PendingEvents() int64 { return e.pendingEvents.Load() }
+func (e *Engine) PendingEvents() int64 {
+	c, _ := e.counts(context.Background())
+	return int64(c.PendingEvents)
+}
 
 func (e *Engine) openStore() (store.Store, error) {
 	e.mu.RLock()
@@ -556,58 +529,35 @@ func (e *Engine) openStore() (store.Store, error) {
 	return e.st, nil
 }
 
-// DeadLetters lists dead letters (see store.Store.DeadLetters).
-func (e *Engine) DeadLetters(target, cursor string, limit int) ([]store.DeadLetter, string, error) {
+// DeadLetters lists dead letters (see store.DeadLetters).
+func (e *Engine) DeadLetters(ctx context.Context, target, cursor string, limit int) ([]store.DeadLetter, string, error) {
 	st, err := e.openStore()
 	if err != nil {
 		return nil, "", err
 	}
-	return st.DeadLetters(target, cursor, limit)
+	return st.DeadLetters(ctx, target, cursor, limit)
 }
 
 // Replay moves dead letters back to pending with a fresh attempt budget,
 // for targets the config still has, and returns how many moved.
-func (e *Engine) Replay(ids []store.ID, target string) (int, error) {
+func (e *Engine) Replay(ctx context.Context, ids []store.ID, target string) (int, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if e.state != stateOpen {
 		return 0, ErrUnavailable
 	}
 	keep := func(t string) bool { return e.targets[t] != nil }
-	moved, revived, err := e.st.Replay(ids, target, keep, e.now())
-	if err != nil {
-		return 0, err
-	}
-	e.pendingEvents.Add(int64(revived))
-	for _, d := range moved {
-		t := e.targets[d.Target]
-		t.counts.dead.Add(-1)
-		t.counts.pending.Add(1)
-		t.q.push(itemOf(&d))
-	}
-	return len(moved), nil
+	return e.st.Replay(ctx, ids, target, keep)
 }
 
 // DeleteDead deletes the dead letters of one event, at one target or all
 // (target ""), and returns how many it deleted.
-func (e *Engine) DeleteDead(id store.ID, target string) (int, error) {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	if e.state != stateOpen {
-		return 0, ErrUnavailable
-	}
-	n, err := e.st.DeleteDead(id, target)
+func (e *Engine) DeleteDead(ctx context.Context, id store.ID, target string) (int, error) {
+	st, err := e.openStore()
 	if err != nil {
 		return 0, err
 	}
-	total := 0
-	for t, k := range n {
-		if c := e.counts[t]; c != nil {
-			c.dead.Add(-int64(k))
-		}
-		total += k
-	}
-	return total, nil
+	return st.DeleteDead(ctx, id, target)
 }
 
 // logEvery reports whether at least every has passed since *last, and if
@@ -634,8 +584,8 @@ func (e *Engine) janitor() {
 			return
 		case <-tick.C:
 			tick.Reset(interval())
-			n, err := e.st.ExpireKeys(e.now())
-			if err != nil && !errors.Is(err, store.ErrClosed) {
+			n, err := e.st.ExpireKeys(e.ctx, e.now())
+			if err != nil && !errors.Is(err, store.ErrClosed) && e.ctx.Err() == nil {
 				e.log.Error("expiring dedupe keys", zap.Error(err))
 			} else if n > 0 {
 				e.log.Debug("expired dedupe keys", zap.Int("count", n))
@@ -646,48 +596,50 @@ func (e *Engine) janitor() {
 
 // ExpireKeys forgets expired dedupe keys now (the janitor does it
 // periodically) and returns how many.
-func (e *Engine) ExpireKeys() (int, error) {
+func (e *Engine) ExpireKeys(ctx context.Context) (int, error) {
 	st, err := e.openStore()
 	if err != nil {
 		return 0, err
 	}
-	return st.ExpireKeys(e.now())
+	return st.ExpireKeys(ctx, e.now())
 }
 
 // collect sends the engine's gauges.
 func (e *Engine) collect(ch chan<- prometheus.Metric) {
 	e.mu.RLock()
 	name := e.cfg.Name
-	st := e.st
 	open := e.state == stateOpen
-	type tc struct {
-		name string
-		c    *counts
-		held bool
-	}
-	var all []tc
-	for n, c := range e.counts {
-		t := e.targets[n]
-		all = append(all, tc{n, c, t != nil && t.q.isHeld()})
-	}
 	e.mu.RUnlock()
 	if !open {
 		return
 	}
-	now := e.now()
+	up := 0.0
+	if ok, _ := e.StoreUp(); ok {
+		up = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descStoreUp, prometheus.GaugeValue, up, name)
 	ch <- prometheus.MustNewConstMetric(descDedupe, prometheus.GaugeValue, float64(e.dd.len()), name)
-	for _, t := range all {
-		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(t.c.pending.Load()), name, t.name)
-		ch <- prometheus.MustNewConstMetric(descDead, prometheus.GaugeValue, float64(t.c.dead.Load()), name, t.name)
-		age := 0.0
-		if at, ok, err := st.OldestPending(t.name); err == nil && ok {
-			age = max(now.Sub(at).Seconds(), 0)
-		}
-		ch <- prometheus.MustNewConstMetric(descOldest, prometheus.GaugeValue, age, name, t.name)
+	counts, err := e.counts(context.Background())
+	if err != nil {
+		return // the store is down: no gauge is better than a wrong one
+	}
+	for _, t := range e.targetStats(counts) {
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(t.Pending), name, t.Name)
+		ch <- prometheus.MustNewConstMetric(descDead, prometheus.GaugeValue, float64(t.DeadLetters), name, t.Name)
+		ch <- prometheus.MustNewConstMetric(descOldest, prometheus.GaugeValue, t.OldestPendingSeconds, name, t.Name)
 		held := 0.0
-		if t.held {
+		if t.Held {
 			held = 1
 		}
-		ch <- prometheus.MustNewConstMetric(descHeld, prometheus.GaugeValue, held, name, t.name)
+		ch <- prometheus.MustNewConstMetric(descHeld, prometheus.GaugeValue, held, name, t.Name)
 	}
+}
+
+func sortedNames[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -77,7 +78,7 @@ func TestLifecycle(t *testing.T) {
 	if !e.IsNew() || e.IsOpen() {
 		t.Errorf("new engine: IsNew %v IsOpen %v", e.IsNew(), e.IsOpen())
 	}
-	if _, err := e.Receive([]byte(v3Body("a")), "application/json"); !errors.Is(err, ErrUnavailable) {
+	if _, err := e.Receive(t.Context(), []byte(v3Body("a")), "application/json"); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Receive before Open: error %v, want ErrUnavailable", err)
 	}
 	if err := e.Open(); err != nil {
@@ -101,23 +102,23 @@ func TestLifecycle(t *testing.T) {
 		t.Error("closed engine says it is open")
 	}
 	for _, body := range []string{v3Body("a"), v3Body("b")} {
-		if _, err := e.Receive([]byte(body), "application/json"); !errors.Is(err, ErrUnavailable) {
+		if _, err := e.Receive(t.Context(), []byte(body), "application/json"); !errors.Is(err, ErrUnavailable) {
 			t.Errorf("Receive after Close: error %v, want ErrUnavailable", err)
 		}
 	}
 	if err := e.Open(); err == nil {
 		t.Error("Open after Close succeeded")
 	}
-	if _, _, err := e.DeadLetters("", "", 10); !errors.Is(err, ErrUnavailable) {
+	if _, _, err := e.DeadLetters(t.Context(), "", "", 10); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("DeadLetters after Close: error %v, want ErrUnavailable", err)
 	}
-	if _, err := e.Replay(nil, ""); !errors.Is(err, ErrUnavailable) {
+	if _, err := e.Replay(t.Context(), nil, ""); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Replay after Close: error %v, want ErrUnavailable", err)
 	}
-	if _, err := e.DeleteDead(store.ID{}, ""); !errors.Is(err, ErrUnavailable) {
+	if _, err := e.DeleteDead(t.Context(), store.ID{}, ""); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("DeleteDead after Close: error %v, want ErrUnavailable", err)
 	}
-	if _, err := e.ExpireKeys(); !errors.Is(err, ErrUnavailable) {
+	if _, err := e.ExpireKeys(t.Context()); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("ExpireKeys after Close: error %v, want ErrUnavailable", err)
 	}
 }
@@ -149,7 +150,7 @@ func TestOpenStoreError(t *testing.T) {
 	if e.IsOpen() {
 		t.Error("engine open although its store is not")
 	}
-	if _, err := e.Receive([]byte(v3Body("a")), "application/json"); !errors.Is(err, ErrUnavailable) {
+	if _, err := e.Receive(t.Context(), []byte(v3Body("a")), "application/json"); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Receive: error %v, want ErrUnavailable", err)
 	}
 	if err := e.Close(); err != nil {
@@ -163,11 +164,11 @@ type flakyStore struct {
 	fail atomic.Int32
 }
 
-func (s *flakyStore) Accept(ev *store.Event, targets []string, keyExpiry, now time.Time) (bool, error) {
+func (s *flakyStore) Accept(ctx context.Context, ev *store.Event, targets []string, opts store.AcceptOptions) (bool, error) {
 	if s.fail.Add(-1) >= 0 {
 		return false, errors.New("write failed: no space left on device")
 	}
-	return s.Store.Accept(ev, targets, keyExpiry, now)
+	return s.Store.Accept(ctx, ev, targets, opts)
 }
 
 // TestReceiveStoreFailureMarksNoKey: a failed durable write answers
@@ -175,12 +176,12 @@ func (s *flakyStore) Accept(ev *store.Event, targets []string, keyExpiry, now ti
 // stored rather than dropped as a duplicate.
 func TestReceiveStoreFailureMarksNoKey(t *testing.T) {
 	target := newTestTarget(t, nil)
-	fs := &flakyStore{Store: store.NewMemory()}
+	fs := &flakyStore{Store: store.NewMemory(store.MemoryOptions{})}
 	fs.fail.Store(1)
 	e := openEngine(t, Config{Targets: []TargetConfig{fastTarget("t", target.URL)}},
 		Options{OpenStore: func() (store.Store, error) { return fs, nil }})
 	body := v3Body("a")
-	_, err := e.Receive([]byte(body), "application/json")
+	_, err := e.Receive(t.Context(), []byte(body), "application/json")
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no space left") {
 		t.Fatalf("Receive with a failing store: error %v, want ErrUnavailable with the cause", err)
 	}
@@ -223,12 +224,12 @@ func TestReceiveWhenFull(t *testing.T) {
 	a, b, c := v3Body("a"), v3Body("b"), v3Body("c")
 	mustAccept(t, e, a)
 	mustAccept(t, e, b)
-	if _, err := e.Receive([]byte(c), "application/json"); !errors.Is(err, ErrFull) {
+	if _, err := e.Receive(t.Context(), []byte(c), "application/json"); !errors.Is(err, ErrFull) {
 		t.Fatalf("Receive past max_pending: error %v, want ErrFull", err)
 	}
 	mustDuplicate(t, e, b) // in the LRU
 	mustDuplicate(t, e, a) // only in the store
-	if _, err := e.Receive([]byte(c), "application/json"); !errors.Is(err, ErrFull) {
+	if _, err := e.Receive(t.Context(), []byte(c), "application/json"); !errors.Is(err, ErrFull) {
 		t.Fatalf("Receive past max_pending: error %v, want ErrFull", err)
 	}
 	if got := e.PendingEvents(); got != 2 {
@@ -283,12 +284,12 @@ func TestRestart(t *testing.T) {
 	}
 
 	// What the first engine recorded.
-	st, err := store.OpenBolt(path, time.Second)
+	st, err := store.OpenBolt(path, store.BoltOptions{Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	attempts := map[store.ID]int{}
-	err = store.ForEachPending(st, func(d *store.Delivery) error {
+	err = st.Pending(func(d *store.Delivery) error {
 		attempts[d.ID] = d.Attempts
 		if d.LastStatus != http.StatusBadGateway {
 			t.Errorf("pending %s: last status %d, want 502", d.ID, d.LastStatus)
@@ -479,7 +480,7 @@ func TestUpdateAddAndRemoveTargets(t *testing.T) {
 	}
 
 	// Replay only works for configured targets: bring gone back first.
-	if n, err := e.Replay(nil, ""); err != nil || n != 0 {
+	if n, err := e.Replay(t.Context(), nil, ""); err != nil || n != 0 {
 		t.Errorf("Replay to a removed target = %d, %v; want 0", n, err)
 	}
 	goneBack := newTestTarget(t, nil)
@@ -487,7 +488,7 @@ func TestUpdateAddAndRemoveTargets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, err := e.Replay(nil, "gone"); err != nil || n != 2 {
+	if n, err := e.Replay(t.Context(), nil, "gone"); err != nil || n != 2 {
 		t.Fatalf("Replay = %d, %v; want 2", n, err)
 	}
 	waitFor(t, "replayed deliveries", 5*time.Second, func() bool { return goneBack.count() == 2 && e.PendingEvents() == 0 })
@@ -619,14 +620,14 @@ func TestDeadLetterReplayAndDelete(t *testing.T) {
 		}
 	}
 	accept.Store(true)
-	if n, err := e.Replay([]store.ID{a}, ""); err != nil || n != 1 {
+	if n, err := e.Replay(t.Context(), []store.ID{a}, ""); err != nil || n != 1 {
 		t.Fatalf("Replay(a) = %d, %v; want 1", n, err)
 	}
 	waitFor(t, "the replayed delivery", 5*time.Second, func() bool { return target.count() == 3 && e.PendingEvents() == 0 })
-	if n, err := e.DeleteDead(b, "other"); err != nil || n != 0 {
+	if n, err := e.DeleteDead(t.Context(), b, "other"); err != nil || n != 0 {
 		t.Errorf("DeleteDead(b, other target) = %d, %v; want 0", n, err)
 	}
-	if n, err := e.DeleteDead(b, ""); err != nil || n != 1 {
+	if n, err := e.DeleteDead(t.Context(), b, ""); err != nil || n != 1 {
 		t.Errorf("DeleteDead(b) = %d, %v; want 1", n, err)
 	}
 	if got := targetStats(e, "t"); got.DeadLetters != 0 || got.Pending != 0 {
@@ -695,7 +696,7 @@ func TestMetrics(t *testing.T) {
 	e := openEngine(t, Config{
 		Name:    "edge",
 		Targets: []TargetConfig{fastTarget("ok", ok.URL), slow, fastTarget("bad", bad.URL)},
-	}, Options{OpenStore: memStore(), Metrics: m, Now: clock.Now})
+	}, Options{OpenStore: memStore(clock.Now), Metrics: m, Now: clock.Now})
 
 	for _, b := range []string{v3Body("a"), v3Body("b")} {
 		mustAccept(t, e, b)

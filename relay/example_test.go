@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -23,8 +24,8 @@ func Example() {
 	e, err := relay.New(relay.Config{
 		Targets: []relay.TargetConfig{{Name: "legacy", URL: legacy.URL}},
 	}, relay.Options{
-		// store.OpenBolt(path, time.Second) for a durable store.
-		OpenStore: func() (store.Store, error) { return store.NewMemory(), nil },
+		// store.OpenBolt(path, store.BoltOptions{Timeout: time.Second}) for a durable store.
+		OpenStore: func() (store.Store, error) { return store.NewMemory(store.MemoryOptions{}), nil },
 	})
 	if err != nil {
 		panic(err)
@@ -36,7 +37,7 @@ func Example() {
 
 	body := []byte(`{"event_type":"address_verification.completed","event_id":"01HZX3Q9W4K2","api_version":"v3"}`)
 	for range 2 {
-		res, err := e.Receive(body, "application/json")
+		res, err := e.Receive(context.Background(), body, "application/json")
 		if err != nil {
 			panic(err) // relay.ErrFull or relay.ErrUnavailable: answer 503
 		}

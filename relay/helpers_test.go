@@ -59,8 +59,11 @@ func (c *fakeClock) Advance(d time.Duration) {
 func wake(e *Engine) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
+	if w, ok := e.st.(interface{ Wake() }); ok {
+		w.Wake()
+	}
 	for _, t := range e.targets {
-		t.q.wake()
+		t.brk.wake()
 	}
 }
 
@@ -138,14 +141,24 @@ func (tt *testTarget) count() int {
 	return len(tt.reqs)
 }
 
-// memStore opens a fresh memory store.
-func memStore() func() (store.Store, error) {
-	return func() (store.Store, error) { return store.NewMemory(), nil }
+// memStore opens a fresh memory store; now, if given, is its clock (the
+// engine's).
+func memStore(now ...func() time.Time) func() (store.Store, error) {
+	return func() (store.Store, error) { return store.NewMemory(store.MemoryOptions{Now: clockOf(now)}), nil }
 }
 
-// boltStore opens the bbolt file at path.
-func boltStore(path string) func() (store.Store, error) {
-	return func() (store.Store, error) { return store.OpenBolt(path, time.Second) }
+// boltStore opens the bbolt file at path; now, if given, is its clock.
+func boltStore(path string, now ...func() time.Time) func() (store.Store, error) {
+	return func() (store.Store, error) {
+		return store.OpenBolt(path, store.BoltOptions{Timeout: time.Second, Now: clockOf(now)})
+	}
+}
+
+func clockOf(now []func() time.Time) func() time.Time {
+	if len(now) == 0 {
+		return nil
+	}
+	return now[0]
 }
 
 func tempBolt(t testing.TB) string {
@@ -188,7 +201,7 @@ func fastTarget(name, url string) TargetConfig {
 
 func receive(t testing.TB, e *Engine, body string) Result {
 	t.Helper()
-	res, err := e.Receive([]byte(body), "application/json")
+	res, err := e.Receive(t.Context(), []byte(body), "application/json")
 	if err != nil {
 		t.Fatalf("Receive(%s): %v", body, err)
 	}
@@ -223,7 +236,7 @@ func deadLetters(t testing.TB, e *Engine) []store.DeadLetter {
 	var all []store.DeadLetter
 	cursor := ""
 	for {
-		list, next, err := e.DeadLetters("", cursor, 100)
+		list, next, err := e.DeadLetters(t.Context(), "", cursor, 100)
 		if err != nil {
 			t.Fatalf("DeadLetters: %v", err)
 		}

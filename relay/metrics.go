@@ -80,6 +80,8 @@ var (
 		"Age of the oldest event still waiting for a target.", []string{"relay", "target"}, nil)
 	descHeld = prometheus.NewDesc(namespace+"_target_held",
 		"1 while a target is taken for down: its deliveries wait while one probe at a time finds out whether it is back.", []string{"relay", "target"}, nil)
+	descStoreUp = prometheus.NewDesc(namespace+"_store_up",
+		"1 while the relay's store takes writes (bbolt open, NATS connected and its stream checked), else 0.", []string{"relay"}, nil)
 )
 
 // Collectors returns everything to register: the vectors and the gauges.
@@ -125,6 +127,7 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descDedupe
 	ch <- descOldest
 	ch <- descHeld
+	ch <- descStoreUp
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {

@@ -1,0 +1,142 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
+)
+
+// attempt makes one delivery attempt of a leased delivery and settles it
+// in the store. It reports whether the target was asked; when it was not
+// (the delivery expired), a held target's next probe may go at once.
+func (e *Engine) attempt(t *target, l store.Lease) (asked bool) {
+	tc := t.cfg.Load() // this attempt's settings, whatever a reload does meanwhile
+	d := l.Delivery()
+	now := e.now()
+	if now.Sub(d.ReceivedAt) > tc.MaxAge {
+		d.LastError = ReasonMaxAgeExceeded
+		d.LastAttemptAt = now
+		e.settle(t, tc, l, &d, store.Dead)
+		return false
+	}
+	ev := l.Event()
+	d.Attempts++
+	if d.FirstAttemptAt.IsZero() {
+		d.FirstAttemptAt = now
+	}
+	d.LastAttemptAt = now
+	start := time.Now()
+	resp, err := e.send(t.client, tc, ev, d.Attempts)
+	t.metrics.Load().attemptDur.Observe(time.Since(start).Seconds())
+	if errors.Is(err, errAbandoned) {
+		// Closing: the lease is abandoned with the store, and the
+		// delivery stays pending as it was; the next start (or another
+		// instance) sends it again.
+		return true
+	}
+	verdict := Classify(resp, err)
+	d.LastStatus, d.LastError = 0, ""
+	if err != nil {
+		d.LastError = err.Error()
+	} else {
+		d.LastStatus = resp.StatusCode
+		if verdict != Done {
+			d.LastError = describe(resp)
+		}
+		drain(resp)
+	}
+	e.feedBreaker(t, tc, &d, verdict, resp)
+	switch {
+	case verdict == Done:
+		e.settle(t, tc, l, &d, store.Delivered)
+	case verdict == Reject:
+		e.settle(t, tc, l, &d, store.Dead)
+	case d.Attempts >= tc.MaxAttempts:
+		d.LastError = fmt.Sprintf("max attempts (%d) reached: %s", tc.MaxAttempts, d.LastError)
+		e.settle(t, tc, l, &d, store.Dead)
+	default:
+		next := e.now().Add(Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(d.Attempts, resp))
+		if next.Sub(d.ReceivedAt) > tc.MaxAge {
+			d.LastError = fmt.Sprintf("%s: %s", ReasonMaxAgeExceeded, d.LastError)
+			e.settle(t, tc, l, &d, store.Dead)
+			return true
+		}
+		d.NextAt = next
+		e.settle(t, tc, l, &d, store.Retry)
+	}
+	return true
+}
+
+// feedBreaker gives an attempt's verdict to the target's breaker and logs
+// when it trips or releases.
+func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
+	if verdict != Again {
+		if t.brk.answered(e.now().UnixNano()) {
+			e.log.Info("target answering again: its held deliveries resume",
+				zap.String("target", t.name), zap.Int("last_status", d.LastStatus))
+		}
+		return
+	}
+	cooldown := func(n int) time.Duration {
+		return Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(n, resp)
+	}
+	if t.brk.failed(e.now().UnixNano(), tc.BackoffMin, cooldown) {
+		e.log.Warn("target failing: its deliveries are held, one probe at a time until it answers",
+			zap.String("target", t.name), zap.Int("failures_in_a_row", tripAfter), zap.String("error", d.LastError))
+	}
+}
+
+// settle records an attempt's outcome without waiting for it to be
+// durable: the worker goes on to its next delivery, and the outcome shares
+// its commit with acks and other outcomes. The counters move once it is
+// durable. A crash before then loses the outcome, so the attempt is made
+// again: at least once.
+func (e *Engine) settle(t *target, tc *TargetConfig, l store.Lease, d *store.Delivery, o store.Outcome) {
+	l.Settle(o, d, func(err error) { e.settled(t, tc, l, d, o, err) })
+}
+
+func (e *Engine) settled(t *target, tc *TargetConfig, l store.Lease, d *store.Delivery, o store.Outcome, err error) {
+	if err != nil {
+		// The store is closing or failing: the delivery stays pending as
+		// last stored. While the engine runs, try it again later (at
+		// least once: a delivered event may go out again); on shutdown
+		// the next start sends it.
+		if e.ctx.Err() == nil {
+			// A full disk fails every settle: log once in a while, not
+			// once per delivery.
+			if n := e.settleErrors.Add(1); e.logEvery(&e.settleLogged, 10*time.Second) {
+				e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
+					zap.String("target", t.name), zap.Int64("failures_so_far", n), zap.Error(err))
+			}
+			l.Postpone(e.now().Add(tc.BackoffMax))
+		}
+		return
+	}
+	m := t.metrics.Load()
+	switch o {
+	case store.Delivered:
+		m.delivered.Inc()
+		m.latency.Observe(e.now().Sub(d.ReceivedAt).Seconds())
+		if ce := e.log.Check(zapcore.DebugLevel, "delivered"); ce != nil {
+			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts))
+		}
+	case store.Retry:
+		m.retried.Inc()
+		if ce := e.log.Check(zapcore.DebugLevel, "delivery failed, will retry"); ce != nil {
+			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts),
+				zap.Time("next_attempt", d.NextAt), zap.String("error", d.LastError))
+		}
+	case store.Dead:
+		m.dead.Inc()
+		e.log.Warn("delivery dead-lettered",
+			zap.String("event_id", d.ID.String()), zap.String("target", t.name),
+			zap.Int("attempt", d.Attempts), zap.Int("max_attempts", tc.MaxAttempts),
+			zap.Int("last_status", d.LastStatus), zap.String("error", d.LastError))
+	}
+}

@@ -1,0 +1,194 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-retryablehttp"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
+)
+
+// target is one internal endpoint at run time: its settings, its queue in
+// the store, the breaker in front of it, its HTTP client and workers.
+type target struct {
+	name   string
+	cfg    atomic.Pointer[TargetConfig]
+	q      store.Queue
+	brk    *breaker
+	client *retryablehttp.Client
+	conns  *http.Transport // the client's, to close its connections
+	quit   chan struct{}   // closed when the target leaves the config
+
+	mu      sync.Mutex
+	running int // workers alive; while above concurrency, the next to look leaves
+	// look is cancelled to make workers waiting for a delivery look at
+	// their settings again (a lower concurrency), then replaced.
+	look       context.Context
+	lookCancel context.CancelFunc
+
+	metrics atomic.Pointer[targetMetrics] // swapped when the relay is renamed
+}
+
+// targetMetrics are a target's metric children, resolved once per name.
+type targetMetrics struct {
+	delivered, retried, dead prometheus.Counter
+	attemptDur, latency      prometheus.Observer
+}
+
+func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
+	return &targetMetrics{
+		delivered:  e.m.Deliveries.WithLabelValues(relayName, target, "delivered"),
+		retried:    e.m.Deliveries.WithLabelValues(relayName, target, "retried"),
+		dead:       e.m.Deliveries.WithLabelValues(relayName, target, "dead_lettered"),
+		attemptDur: e.m.AttemptDuration.WithLabelValues(relayName, target),
+		latency:    e.m.DeliveryLatency.WithLabelValues(relayName, target),
+	}
+}
+
+// leaseFor is how long a taken delivery stays leased without an answer:
+// the attempt's timeout and a margin for settling it. On a shared store
+// another instance takes the delivery after that (the contract allows the
+// timeout plus 10 s).
+func leaseFor(tc *TargetConfig) store.QueueOptions {
+	return store.QueueOptions{Lease: tc.Timeout + 5*time.Second}
+}
+
+// newTarget opens tc's queue in the store; the caller starts its workers.
+func (e *Engine) newTarget(tc TargetConfig) (*target, error) {
+	q, err := e.st.Queue(tc.Name, leaseFor(&tc))
+	if err != nil {
+		return nil, err
+	}
+	t := &target{
+		name: tc.Name,
+		q:    q,
+		brk:  newBreaker(),
+		quit: make(chan struct{}),
+	}
+	t.look, t.lookCancel = context.WithCancel(e.ctx)
+	t.cfg.Store(&tc)
+	t.metrics.Store(e.targetMetrics(e.cfg.Name, tc.Name))
+	t.client, t.conns = newClient(tc.Concurrency)
+	return t, nil
+}
+
+// lookAgain makes every worker of t waiting for a delivery look at its
+// settings again.
+func (t *target) lookAgain(parent context.Context) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.lookCancel()
+	t.look, t.lookCancel = context.WithCancel(parent)
+}
+
+func (t *target) lookContext() context.Context {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.look
+}
+
+// stop ends t's workers for good (removed from the config, or closing).
+func (t *target) stop() {
+	t.mu.Lock()
+	t.lookCancel()
+	t.mu.Unlock()
+	t.conns.CloseIdleConnections()
+}
+
+// startWorkers brings t's workers up to its concurrency; surplus workers
+// leave after their current attempt.
+func (e *Engine) startWorkers(t *target) {
+	want := t.cfg.Load().Concurrency
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for ; t.running < want; t.running++ {
+		e.wg.Add(1)
+		go e.work(t)
+	}
+}
+
+// surplus reports whether the calling worker should leave, and if so
+// counts it out. Any worker may be the one: numbering them instead lets a
+// busy high-numbered worker outlive a lowering of the concurrency, and the
+// next raise would start a second worker under its number, leaving the
+// target short of workers after the following lowering.
+func (t *target) surplus() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.running > t.cfg.Load().Concurrency {
+		t.running--
+		return true
+	}
+	return false
+}
+
+func (t *target) leave() {
+	t.mu.Lock()
+	t.running--
+	t.mu.Unlock()
+}
+
+// work takes t's due deliveries one at a time and attempts them.
+func (e *Engine) work(t *target) {
+	defer e.wg.Done()
+	for {
+		select {
+		case <-e.ctx.Done():
+			return
+		case <-t.quit:
+			t.leave()
+			return
+		default:
+		}
+		if t.surplus() {
+			return
+		}
+		look := t.lookContext()
+		probe, ok := t.brk.enter(look, e.now)
+		if !ok {
+			continue // ctx done, quit, or told to look at the settings again
+		}
+		lease, err := t.q.Take(look)
+		if err != nil {
+			t.brk.leave(probe, false, e.now().UnixNano())
+			if errors.Is(err, store.ErrClosed) || look.Err() != nil {
+				if errors.Is(err, store.ErrClosed) && look.Err() == nil {
+					// Retired or closing: wait for quit or the engine's end.
+					select {
+					case <-e.ctx.Done():
+					case <-t.quit:
+					case <-look.Done():
+					}
+				}
+				continue
+			}
+			e.takeFailed(t, err)
+			continue
+		}
+		asked := e.attempt(t, lease)
+		t.brk.leave(probe, asked, e.now().UnixNano())
+	}
+}
+
+// takeFailed logs a store that could not hand out a delivery (a shared
+// store that lost its server, a read error) and pauses the worker a
+// little, so that a failing store is not asked in a loop.
+func (e *Engine) takeFailed(t *target, err error) {
+	if e.logEvery(&e.takeLogged, 10*time.Second) {
+		e.log.Error("taking a delivery from the store", zap.String("target", t.name), zap.Error(err))
+	}
+	pause := time.NewTimer(time.Second)
+	defer pause.Stop()
+	select {
+	case <-pause.C:
+	case <-e.ctx.Done():
+	case <-t.quit:
+	}
+}
