@@ -22,6 +22,7 @@ func init() {
 type App struct {
 	relays  map[string]appRelay // relay name -> its definition
 	stores  map[string]string   // store key -> relay name
+	streams map[string]string   // NATS stream -> relay name
 	engines []appEngine
 }
 
@@ -40,26 +41,37 @@ type appEngine struct {
 // CaddyModule returns the Caddy module information.
 func (App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
-		ID:  appID,
-		New: func() caddy.Module { return &App{relays: map[string]appRelay{}, stores: map[string]string{}} },
+		ID: appID,
+		New: func() caddy.Module {
+			return &App{relays: map[string]appRelay{}, stores: map[string]string{}, streams: map[string]string{}}
+		},
 	}
 }
 
-// register records a relay of the config. Handlers with the same name
-// are an error, unless they are copies of one definition (the HTTP app
-// copies a site's routes into each server the site listens on).
-func (a *App) register(name, key, def string) error {
+// register records a relay of the config: its name, its store's pool
+// key and, on NATS, its stream ("" otherwise). Handlers with the same
+// name are an error, unless they are copies of one definition (the HTTP
+// app copies a site's routes into each server the site listens on); so
+// are two relays on one store or one stream. Streams are compared
+// whatever their URLs, which may reach one cluster by different names.
+func (a *App) register(name, key, stream, def string) error {
 	if r, dup := a.relays[name]; dup {
 		if r.key == key && r.def == def {
 			return nil
 		}
 		return fmt.Errorf("two webhook relays are named %q: give each its own name", name)
 	}
+	if other, dup := a.streams[stream]; dup && stream != "" {
+		return fmt.Errorf("webhook relays %q and %q use the same NATS stream %s (a default stream name is the relay name upper-cased, with every character outside A-Z and 0-9 as '_'): set stream in the storage of one of them", other, name, stream)
+	}
 	if other, dup := a.stores[key]; dup {
 		return fmt.Errorf("webhook relays %q and %q use the same storage: give each its own", other, name)
 	}
 	a.relays[name] = appRelay{key: key, def: def}
 	a.stores[key] = name
+	if stream != "" {
+		a.streams[stream] = name
+	}
 	return nil
 }
 

@@ -35,15 +35,15 @@ func BenchmarkServeHTTP(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			dir := storage
+			raw := `{"backend":"memory"}`
 			if storage == "bolt" {
-				dir = b.TempDir()
+				raw = fmt.Sprintf(`{"backend":"bolt","dir":%q}`, b.TempDir())
 			}
 			h := &Handler{
-				Name:    "bench-" + storage,
-				Auth:    &Auth{Header: "okhi-authorization", Values: []string{"s3cret"}},
-				Storage: dir,
-				Targets: []Target{{Name: "sink", URL: target.URL, BackoffMin: caddy.Duration(time.Second)}},
+				Name:       "bench-" + storage,
+				Auth:       &Auth{Header: "okhi-authorization", Values: []string{"s3cret"}},
+				StorageRaw: json.RawMessage(raw),
+				Targets:    []Target{{Name: "sink", URL: target.URL, BackoffMin: caddy.Duration(time.Second)}},
 			}
 			if err := h.Provision(ctx); err != nil {
 				b.Fatal(err)

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"golang.org/x/net/http/httpguts"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -23,8 +25,12 @@ func init() {
 }
 
 // stateNames is the adapter's record of relay names, to refuse two
-// relays of the same name in one Caddyfile.
-const stateNames = "webhook_relay.names"
+// relays of the same name in one Caddyfile; stateStreams of NATS streams
+// (stream -> relay name), to refuse two relays on one stream.
+const (
+	stateNames   = "webhook_relay.names"
+	stateStreams = "webhook_relay.streams"
+)
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	// Errors about the directive as a whole name its first line.
@@ -48,6 +54,17 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 		return nil, fmt.Errorf("two webhook_relay directives are named %q: give each its own name (webhook_relay <name> { ... }), at %s:%d", name, file, line)
 	}
 	names[name] = true
+	if stream := storageStream(handler.StorageRaw, name); stream != "" {
+		streams, _ := h.State[stateStreams].(map[string]string)
+		if streams == nil {
+			streams = map[string]string{}
+			h.State[stateStreams] = streams
+		}
+		if other, dup := streams[stream]; dup {
+			return nil, fmt.Errorf("webhook_relay %q and %q use the same NATS stream %s (the default is the relay name upper-cased, with every character outside A-Z and 0-9 as '_'): set 'stream <name>' in the storage nats block of one of them, at %s:%d", other, name, stream, file, line)
+		}
+		streams[stream] = name
+	}
 	return &handler, nil
 }
 
@@ -67,6 +84,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			off
 //		}
 //		storage <dir> | memory
+//		storage nats <url>[,<url>...] {
+//			stream <name>
+//			replicas <n>
+//			creds <file> | token <value> | user <name> <password>
+//			tls_ca <file>
+//			tls_client <cert_file> <key_file>
+//			connect_timeout <duration>
+//			timeout <duration>
+//		}
 //		forward <target> <url> {
 //			match <json_path> <value> [<value>...]
 //			header <field> <value>
@@ -80,6 +106,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 // auth_header values may be placeholders resolved at start: {env.X},
 // {file./path}. Several values accept any of them (secret rotation).
+// So may the credentials and TLS files of storage nats. A storage
+// directory named memory or nats is written ./memory or ./nats.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	start := d.Line()
@@ -157,11 +185,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 		case "storage":
-			v, err := oneArg(d)
+			if h.StorageRaw != nil {
+				return d.Errf("storage is set twice; keep one")
+			}
+			raw, err := unmarshalStorage(d)
 			if err != nil {
 				return err
 			}
-			h.Storage = v
+			h.StorageRaw = raw
 		case "forward":
 			t, err := unmarshalTarget(d)
 			if err != nil {
@@ -331,6 +362,166 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 	return t, nil
 }
 
+// unmarshalStorage parses the storage subdirective into its module's
+// JSON: `storage <dir>` (bolt), `storage memory` or `storage nats ...`.
+func unmarshalStorage(d *caddyfile.Dispenser) (json.RawMessage, error) {
+	if !d.NextArg() {
+		return nil, d.Errf("storage needs one argument: storage <dir> | memory | nats <url>[,<url>...] { ... }")
+	}
+	var (
+		mod     any
+		backend string
+	)
+	arg := d.Val()
+	switch arg {
+	case "nats":
+		n := new(NATSStorage)
+		if err := n.UnmarshalCaddyfile(d.NewFromNextSegment()); err != nil {
+			return nil, err
+		}
+		return caddyconfig.JSONModuleObject(n, "backend", "nats", nil), nil
+	case StorageMemory:
+		mod, backend = MemoryStorage{}, "memory"
+	default:
+		mod, backend = BoltStorage{Dir: arg}, "bolt"
+	}
+	if d.NextArg() {
+		return nil, d.Errf("storage takes one argument (a directory, or memory), got more: %q", d.Val())
+	}
+	if d.NextBlock(d.Nesting()) {
+		return nil, d.Errf("storage %s takes no block (only storage nats has one)", arg)
+	}
+	return caddyconfig.JSONModuleObject(mod, "backend", backend, nil), nil
+}
+
+// UnmarshalCaddyfile sets up the NATS storage from the tokens of the
+// storage subdirective, from `nats` on. Syntax:
+//
+//	nats <url>[,<url>...] {
+//		stream <name>
+//		replicas <n>
+//		creds <file> | token <value> | user <name> <password>
+//		tls_ca <file>
+//		tls_client <cert_file> <key_file>
+//		connect_timeout <duration>
+//		timeout <duration>
+//	}
+//
+// Several URLs may also be given as several arguments.
+func (n *NATSStorage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // nats
+	for _, arg := range d.RemainingArgs() {
+		for u := range strings.SplitSeq(arg, ",") {
+			u = strings.TrimSpace(u)
+			if u == "" {
+				return d.Errf("storage nats: an empty URL between commas")
+			}
+			if err := checkNATSURL(u); err != nil {
+				return d.Errf("storage nats: %v", err)
+			}
+			n.URLs = append(n.URLs, u)
+		}
+	}
+	if len(n.URLs) == 0 {
+		return d.Errf("storage nats needs at least one URL: storage nats nats://<host>:4222[,nats://<host>:4222...] (for a directory named nats, write ./nats)")
+	}
+	seen := map[string]bool{}
+	credentials := ""
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("storage nats: %s is set twice; keep one", sub)
+		}
+		seen[sub] = true
+		switch sub {
+		case "creds", "token", "user":
+			if credentials != "" {
+				return d.Errf("storage nats takes one kind of credentials (creds, token or user), not both %s and %s", credentials, sub)
+			}
+			credentials = sub
+		}
+		switch sub {
+		case "stream":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if err := checkStreamName(v); err != nil {
+				return d.Errf("storage nats: %v", err)
+			}
+			n.Stream = v
+		case "replicas":
+			r, err := positiveInt(d, "replicas")
+			if err != nil {
+				return err
+			}
+			if r > maxReplicas {
+				return d.Errf("replicas must be 1 to %d (JetStream's limit), not %d", maxReplicas, r)
+			}
+			n.Replicas = r
+		case "creds":
+			v, err := nonEmptyArg(d)
+			if err != nil {
+				return err
+			}
+			n.Creds = v
+		case "token":
+			v, err := nonEmptyArg(d)
+			if err != nil {
+				return err
+			}
+			n.Token = v
+		case "user":
+			args := d.RemainingArgs()
+			if len(args) != 2 || args[0] == "" || args[1] == "" {
+				return d.Errf("user needs a name and a password: user <name> <password>")
+			}
+			n.User, n.Password = args[0], args[1]
+		case "tls_ca":
+			v, err := nonEmptyArg(d)
+			if err != nil {
+				return err
+			}
+			n.TLSCA = v
+		case "tls_client":
+			args := d.RemainingArgs()
+			if len(args) != 2 || args[0] == "" || args[1] == "" {
+				return d.Errf("tls_client needs a certificate file and a key file: tls_client <cert_file> <key_file>")
+			}
+			n.TLSClientCert, n.TLSClientKey = args[0], args[1]
+		case "connect_timeout":
+			v, err := duration(d, "connect_timeout")
+			if err != nil {
+				return err
+			}
+			n.ConnectTimeout = v
+		case "timeout":
+			v, err := duration(d, "timeout")
+			if err != nil {
+				return err
+			}
+			n.Timeout = v
+		default:
+			return d.Errf("unrecognized storage nats subdirective %q", sub)
+		}
+	}
+	return nil
+}
+
+// nonEmptyArg is oneArg for values that cannot be empty. The message
+// never shows the value (it may be a secret).
+func nonEmptyArg(d *caddyfile.Dispenser) (string, error) {
+	name := d.Val()
+	v, err := oneArg(d)
+	if err != nil {
+		return "", err
+	}
+	if strings.TrimSpace(v) == "" {
+		return "", d.Errf("%s is empty", name)
+	}
+	return v, nil
+}
+
 // oneArg returns the single argument of the current subdirective.
 func oneArg(d *caddyfile.Dispenser) (string, error) {
 	name := d.Val()
@@ -372,5 +563,8 @@ func parseDuration(d *caddyfile.Dispenser, what, v string) (caddy.Duration, erro
 	return caddy.Duration(dur), nil
 }
 
-// Interface guard.
-var _ caddyfile.Unmarshaler = (*Handler)(nil)
+// Interface guards.
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*NATSStorage)(nil)
+)

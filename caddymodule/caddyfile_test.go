@@ -167,9 +167,19 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			input: `webhook_relay {
 				storage /var/lib/relay` + minimal + "}",
 			want: Handler{
-				Storage: "/var/lib/relay",
-				Auth:    &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
-				Targets: []Target{minimalTarget},
+				StorageRaw: json.RawMessage(`{"backend":"bolt","dir":"/var/lib/relay"}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage in a directory named nats",
+			input: `webhook_relay {
+				storage ./nats` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"bolt","dir":"./nats"}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
 			},
 		},
 		{
@@ -177,9 +187,73 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			input: `webhook_relay {
 				storage memory` + minimal + "}",
 			want: Handler{
-				Storage: StorageMemory,
+				StorageRaw: json.RawMessage(`{"backend":"memory"}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage nats with one URL",
+			input: `webhook_relay {
+				storage nats nats://127.0.0.1:4222` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"nats","urls":["nats://127.0.0.1:4222"]}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage nats with URLs in a list and as arguments",
+			input: `webhook_relay {
+				storage nats nats://n1:4222,tls://n2:4222 wss://n3/ws` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"nats","urls":["nats://n1:4222","tls://n2:4222","wss://n3/ws"]}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage nats with every option and a token",
+			input: `webhook_relay {
+				storage nats nats://n1:4222,nats://n2:4222 {
+					stream OKHI
+					replicas 3
+					token {env.NATS_TOKEN}
+					tls_ca /etc/nats/ca.pem
+					tls_client /etc/nats/client.pem /etc/nats/client-key.pem
+					connect_timeout 3s
+					timeout 1500ms
+				}` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"nats","connect_timeout":3000000000,"replicas":3,"stream":"OKHI",` +
+					`"timeout":1500000000,"tls_ca":"/etc/nats/ca.pem","tls_client_cert":"/etc/nats/client.pem",` +
+					`"tls_client_key":"/etc/nats/client-key.pem","token":"{env.NATS_TOKEN}","urls":["nats://n1:4222","nats://n2:4222"]}`),
 				Auth:    &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
 				Targets: []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage nats with a user",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					user relay {file./run/secrets/nats_password}
+				}` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"nats","password":"{file./run/secrets/nats_password}","urls":["nats://n1:4222"],"user":"relay"}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
+			},
+		},
+		{
+			name: "storage nats with a creds file",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					creds /etc/nats/relay.creds
+				}` + minimal + "}",
+			want: Handler{
+				StorageRaw: json.RawMessage(`{"backend":"nats","creds":"/etc/nats/relay.creds","urls":["nats://n1:4222"]}`),
+				Auth:       &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:    []Target{minimalTarget},
 			},
 		},
 		{
@@ -549,6 +623,186 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			want: []string{"storage needs one argument", "Testfile:2"},
 		},
 		{
+			name: "storage twice",
+			input: `webhook_relay {
+				storage /var/lib/a
+				storage memory` + minimal + `}`,
+			want: []string{"storage is set twice", "Testfile:3"},
+		},
+		{
+			name: "storage with two directories",
+			input: `webhook_relay {
+				storage /var/lib/a /var/lib/b` + minimal + `}`,
+			want: []string{`storage takes one argument (a directory, or memory), got more: "/var/lib/b"`, "Testfile:2"},
+		},
+		{
+			name: "storage memory with a block",
+			input: `webhook_relay {
+				storage memory {
+					replicas 3
+				}` + minimal + `}`,
+			want: []string{"storage memory takes no block (only storage nats has one)", "Testfile:3"},
+		},
+		{
+			name: "storage nats without URL",
+			input: `webhook_relay {
+				storage nats` + minimal + `}`,
+			want: []string{"storage nats needs at least one URL", "write ./nats", "Testfile:2"},
+		},
+		{
+			name: "storage nats without URL, with a block",
+			input: `webhook_relay {
+				storage nats {
+					stream OKHI
+				}` + minimal + `}`,
+			want: []string{"storage nats needs at least one URL", "Testfile:2"},
+		},
+		{
+			name: "storage nats with an http URL",
+			input: `webhook_relay {
+				storage nats http://127.0.0.1:4222` + minimal + `}`,
+			want: []string{"bad NATS URL http://127.0.0.1:4222: the scheme must be nats, tls, ws or wss", "Testfile:2"},
+		},
+		{
+			name: "storage nats with a URL without scheme",
+			input: `webhook_relay {
+				storage nats 127.0.0.1:4222` + minimal + `}`,
+			want: []string{"bad NATS URL: it needs a scheme: nats://, tls://, ws:// or wss://", "Testfile:2"},
+		},
+		{
+			name: "storage nats with a URL without host",
+			input: `webhook_relay {
+				storage nats nats://:4222` + minimal + `}`,
+			want: []string{"bad NATS URL nats://:4222: no host", "Testfile:2"},
+		},
+		{
+			name: "storage nats with a bad port",
+			input: `webhook_relay {
+				storage nats nats://n1:99999` + minimal + `}`,
+			want: []string{"bad NATS URL nats://n1:99999: bad port", "Testfile:2"},
+		},
+		{
+			name: "storage nats with an empty URL in the list",
+			input: `webhook_relay {
+				storage nats nats://n1:4222,,nats://n2:4222` + minimal + `}`,
+			want: []string{"storage nats: an empty URL between commas", "Testfile:2"},
+		},
+		{
+			name: "storage nats unknown subdirective",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					cluster c1
+				}` + minimal + `}`,
+			want: []string{`unrecognized storage nats subdirective "cluster"`, "Testfile:3"},
+		},
+		{
+			name: "storage nats bad timeout",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					timeout quick
+				}` + minimal + `}`,
+			want: []string{`timeout: bad duration "quick"`, "Testfile:3"},
+		},
+		{
+			name: "storage nats bad connect_timeout",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					connect_timeout 0s
+				}` + minimal + `}`,
+			want: []string{`connect_timeout: bad duration "0s"`, "Testfile:3"},
+		},
+		{
+			name: "storage nats replicas not a number",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					replicas three
+				}` + minimal + `}`,
+			want: []string{`replicas must be a positive whole number, not "three"`, "Testfile:3"},
+		},
+		{
+			name: "storage nats zero replicas",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					replicas 0
+				}` + minimal + `}`,
+			want: []string{`replicas must be a positive whole number, not "0"`, "Testfile:3"},
+		},
+		{
+			name: "storage nats too many replicas",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					replicas 7
+				}` + minimal + `}`,
+			want: []string{"replicas must be 1 to 5 (JetStream's limit), not 7", "Testfile:3"},
+		},
+		{
+			name: "storage nats token and user",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					token abc
+					user relay pw
+				}` + minimal + `}`,
+			want: []string{"storage nats takes one kind of credentials (creds, token or user), not both token and user", "Testfile:4"},
+		},
+		{
+			name: "storage nats creds and token",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					creds /etc/nats/relay.creds
+					token abc
+				}` + minimal + `}`,
+			want: []string{"not both creds and token", "Testfile:4"},
+		},
+		{
+			name: "storage nats stream twice",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					stream A
+					stream B
+				}` + minimal + `}`,
+			want: []string{"storage nats: stream is set twice", "Testfile:4"},
+		},
+		{
+			name: "storage nats user without password",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					user relay
+				}` + minimal + `}`,
+			want: []string{"user needs a name and a password: user <name> <password>", "Testfile:3"},
+		},
+		{
+			name: "storage nats empty token",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					token ""
+				}` + minimal + `}`,
+			want: []string{"token is empty", "Testfile:3"},
+		},
+		{
+			name: "storage nats tls_client with one file",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					tls_client /etc/nats/client.pem
+				}` + minimal + `}`,
+			want: []string{"tls_client needs a certificate file and a key file", "Testfile:3"},
+		},
+		{
+			name: "storage nats stream name with a dot",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					stream okhi.prod
+				}` + minimal + `}`,
+			want: []string{`stream name "okhi.prod": use up to 128 letters, digits, '-' and '_'`, "Testfile:3"},
+		},
+		{
+			name: "storage nats stream without a name",
+			input: `webhook_relay {
+				storage nats nats://n1:4222 {
+					stream
+				}` + minimal + `}`,
+			want: []string{"stream needs one argument", "Testfile:3"},
+		},
+		{
 			name: "dedupe off with extra argument",
 			input: `webhook_relay {
 				dedupe off now` + minimal + `}`,
@@ -686,6 +940,89 @@ http://localhost:9081 {
 }
 `,
 			want: []string{`timeout: bad duration "never"`, "Caddyfile:5"},
+		},
+		{
+			name: "two relays whose default NATS streams collide",
+			input: `http://localhost:9080 {
+	route /a {
+		webhook_relay a.b {
+			auth_header X-Secret a
+			storage nats nats://127.0.0.1:4222
+			forward t1 http://127.0.0.1:9000/a
+		}
+	}
+	route /b {
+		webhook_relay a_b {
+			auth_header X-Secret b
+			storage nats nats://127.0.0.1:4222
+			forward t1 http://127.0.0.1:9000/b
+		}
+	}
+}
+`,
+			want: []string{`webhook_relay "a.b" and "a_b" use the same NATS stream WEBHOOK_RELAY_A_B`, "set 'stream <name>'", "Caddyfile:10"},
+		},
+		{
+			name: "two relays naming one NATS stream on different URLs",
+			input: `http://localhost:9080 {
+	route /a {
+		webhook_relay one {
+			auth_header X-Secret a
+			storage nats nats://n1:4222 {
+				stream SHARED
+			}
+			forward t1 http://127.0.0.1:9000/a
+		}
+	}
+	route /b {
+		webhook_relay two {
+			auth_header X-Secret b
+			storage nats nats://n2:4222 {
+				stream SHARED
+			}
+			forward t1 http://127.0.0.1:9000/b
+		}
+	}
+}
+`,
+			want: []string{`webhook_relay "one" and "two" use the same NATS stream SHARED`, "Caddyfile:12"},
+		},
+		{
+			name: "an explicit stream equal to another relay's default",
+			input: `http://localhost:9080 {
+	route /a {
+		webhook_relay okhi {
+			auth_header X-Secret a
+			storage nats nats://n1:4222
+			forward t1 http://127.0.0.1:9000/a
+		}
+	}
+	route /b {
+		webhook_relay other {
+			auth_header X-Secret b
+			storage nats nats://n1:4222 {
+				stream WEBHOOK_RELAY_OKHI
+			}
+			forward t1 http://127.0.0.1:9000/b
+		}
+	}
+}
+`,
+			want: []string{`webhook_relay "okhi" and "other" use the same NATS stream WEBHOOK_RELAY_OKHI`, "Caddyfile:10"},
+		},
+		{
+			name: "storage error inside a nats block carries file and line",
+			input: `http://localhost:9080 {
+	webhook_relay {
+		auth_header X-Secret a
+		storage nats nats://127.0.0.1:4222 {
+			replicas 0
+		}
+		forward t1 http://127.0.0.1:9000/a
+	}
+}
+`,
+			want: []string{`replicas must be a positive whole number, not "0"`, "Caddyfile:5"},
 		},
 	}
 	for _, tt := range tests {

@@ -17,6 +17,12 @@ func TestExampleCaddyfilesAdapt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Set-ups of several instances, one Caddyfile each (cluster/Caddyfile.a).
+	more, err := filepath.Glob("../examples/*/Caddyfile.*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files = append(files, more...)
 	files = append(files, "../Caddyfile")
 	if len(files) < 3 {
 		t.Fatalf("found only %v", files)

@@ -186,8 +186,8 @@ func provisionFuzzRelays(f *testing.F) map[bool]*Handler {
 			// A short TTL, so that the keys of a long fuzzing run expire,
 			// long enough for a request sent twice in a row to be a
 			// duplicate on a busy machine.
-			Dedupe:  &Dedupe{Keys: keys, Capacity: 1000, TTL: caddy.Duration(30 * time.Second)},
-			Storage: StorageMemory,
+			Dedupe:     &Dedupe{Keys: keys, Capacity: 1000, TTL: caddy.Duration(30 * time.Second)},
+			StorageRaw: json.RawMessage(`{"backend":"memory"}`),
 			Targets: []Target{{
 				Name:        "sink",
 				URL:         target.URL + "/hook",

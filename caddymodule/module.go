@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -70,15 +69,21 @@ type Handler struct {
 	// Dedupe configures how re-deliveries are recognised and dropped.
 	Dedupe *Dedupe `json:"dedupe,omitempty"`
 
-	// Storage is the directory of the relay's bbolt store, or `memory`
-	// for a store that does not survive a restart (logged as a warning).
-	// Default: <caddy data dir>/webhook_relay/<name>.
-	Storage string `json:"storage,omitempty"`
+	// Storage is where the relay keeps its events, deliveries, dead
+	// letters and dedupe keys: a module of the webhook_relay.storage
+	// namespace, named by its `backend` field: `bolt` (a bbolt file on
+	// this machine), `memory` (not durable, logged as a warning) or
+	// `nats` (NATS JetStream, shared by several Caddy instances). A JSON
+	// string, as releases before storage modules wrote it, still loads:
+	// `"memory"`, or the directory of a bolt store.
+	// Default: bolt in <caddy data dir>/webhook_relay/<name>.
+	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=webhook_relay.storage inline_key=backend"`
 
 	// Targets are the internal endpoints every event is forwarded to (if
 	// it matches their filters). At least one is required.
 	Targets []Target `json:"targets,omitempty"`
 
+	storage StorageBackend
 	engine  *relay.Engine
 	auth    *relay.Authenticator
 	poolKey string
@@ -161,7 +166,8 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// StorageMemory is the Storage value of a store kept in memory.
+// StorageMemory is the JSON string with which releases before storage
+// modules chose the memory store.
 const StorageMemory = "memory"
 
 // Provision builds the relay's settings and takes the engine from the
@@ -191,22 +197,30 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("auth is required: set auth_header, or auth off to accept unauthenticated requests")
 	}
 
-	key, open, err := h.storeOpener(cfg.Name)
-	if err != nil {
-		return err
-	}
 	appAny, err := ctx.App(appID)
 	if err != nil {
 		return err
 	}
 	app := appAny.(*App)
 	// A site with several addresses on different servers (":8080, :8443")
-	// copies its handlers into each: the copies are one relay.
+	// copies its handlers into each: the copies are one relay. Taken
+	// before loading the storage module, which clears StorageRaw.
 	def, err := json.Marshal(h)
 	if err != nil {
 		return err
 	}
-	if err := app.register(cfg.Name, key, string(def)); err != nil {
+	if h.storage, err = h.loadStorage(ctx); err != nil {
+		return err
+	}
+	key, open, err := h.storeOpener(cfg.Name)
+	if err != nil {
+		return err
+	}
+	var stream string
+	if su, ok := h.storage.(streamUser); ok {
+		stream = su.StreamName(cfg.Name)
+	}
+	if err := app.register(cfg.Name, key, stream, string(def)); err != nil {
 		return err
 	}
 	if err := processMetrics().Register(ctx.GetMetricsRegistry()); err != nil {
@@ -234,29 +248,25 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// the running relay, since the config may yet fail, or only be
 	// validated.
 	app.add(h.engine, cfg)
-	if h.Storage == StorageMemory {
-		h.logger.Warn("storage is memory: events are lost when Caddy stops", zap.String("relay", cfg.Name))
+	if w, ok := h.storage.(storageWarner); ok {
+		h.logger.Warn(w.Warning(), zap.String("relay", cfg.Name))
 	}
 	return nil
 }
 
-// storeOpener returns the pool key of the relay's store and how to open it.
+// storeOpener returns the pool key of the relay's store and how to open
+// it, from the storage module Provision loaded (bolt when none is).
 func (h *Handler) storeOpener(name string) (string, func() (store.Store, error), error) {
-	if h.Storage == StorageMemory {
-		return "memory:" + name, func() (store.Store, error) { return store.NewMemory(), nil }, nil
+	backend := h.storage
+	if backend == nil {
+		backend = new(BoltStorage)
 	}
-	dir := h.Storage
-	if dir == "" {
-		dir = filepath.Join(caddy.AppDataDir(), "webhook_relay", name)
-	}
-	dir, err := filepath.Abs(dir)
+	key, err := backend.PoolKey(name)
 	if err != nil {
-		return "", nil, fmt.Errorf("storage directory %s: %w", h.Storage, err)
+		return "", nil, err
 	}
-	path := filepath.Join(dir, "relay.db")
-	return "bolt:" + path, func() (store.Store, error) {
-		return store.OpenBolt(path, storeLockTimeout)
-	}, nil
+	logger := caddy.Log().Named("http.handlers.webhook_relay.storage")
+	return key, func() (store.Store, error) { return backend.Open(name, logger) }, nil
 }
 
 // relayConfig maps the JSON config to the engine's, resolving placeholders

@@ -8,10 +8,12 @@ import (
 	"github.com/webhook-relay/caddy-webhook-relay/relay"
 )
 
-// engines holds every live engine, keyed by its store ("bolt:<abs path>"
-// or "memory:<name>"), so that it outlives reloads: a new config takes the
-// engine the old one used, and the last config to let go closes it. The
-// store file is never opened twice.
+// engines holds every live engine, keyed by its store's
+// StorageBackend.PoolKey ("bolt:<abs path>", "memory:<name>",
+// "nats:<urls>|<stream>|<digest of the other settings>"), so that it
+// outlives reloads: a new config takes the engine the old one used, and
+// the last config to let go closes it. A store file is never opened
+// twice, and a NATS connection is kept until its settings change.
 var engines = caddy.NewUsagePool()
 
 // storeLockTimeout bounds the wait for a store file held by another
