@@ -73,11 +73,16 @@ func (e *Engine) attempt(t *target, l store.Lease) (asked bool) {
 	return true
 }
 
-// feedBreaker gives an attempt's verdict to the target's breaker and logs
-// when it trips or releases.
+// feedBreaker gives an attempt's verdict to the target's breaker, shares
+// a trip, a failed probe or a release with the relay's other instances,
+// and logs when it trips or releases.
 func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
 	if verdict != Again {
 		if t.brk.answered(e.now().UnixNano()) {
+			e.shareBreaker(t, func(rec *breakerRecord, _ int64) bool {
+				*rec = breakerRecord{}
+				return true
+			})
 			e.log.Info("target answering again: its held deliveries resume",
 				zap.String("target", t.name), zap.Int("last_status", d.LastStatus))
 		}
@@ -86,7 +91,19 @@ func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, ver
 	cooldown := func(n int) time.Duration {
 		return Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(n, resp)
 	}
-	if t.brk.failed(e.now().UnixNano(), tc.BackoffMin, cooldown) {
+	tripped, held := t.brk.failed(e.now().UnixNano(), tc.BackoffMin, cooldown)
+	if !held {
+		return
+	}
+	local := t.brk.snapshot()
+	e.shareBreaker(t, func(rec *breakerRecord, _ int64) bool {
+		if tripped && rec.Held {
+			return false // another instance tripped it first: its schedule stands
+		}
+		*rec = local
+		return true
+	})
+	if tripped {
 		e.log.Warn("target failing: its deliveries are held, one probe at a time until it answers",
 			zap.String("target", t.name), zap.Int("failures_in_a_row", tripAfter), zap.String("error", d.LastError))
 	}

@@ -29,6 +29,8 @@ type breaker struct {
 	probing   bool  // a probe is out
 	holdUntil int64 // while held, no probe goes out before this
 	changed   chan struct{}
+
+	rev uint64 // revision of the shared record last seen or written
 }
 
 // tripAfter is how many retryable failures in a row trip the breaker,
@@ -102,21 +104,21 @@ func (b *breaker) leave(probe, asked bool, now int64) {
 
 // failed counts a retryable failure at now. Once held, no probe goes out
 // for cooldown(n) (n: failures since the trip, from 1). It reports
-// whether this failure tripped the breaker.
-func (b *breaker) failed(now int64, quiet time.Duration, cooldown func(n int) time.Duration) bool {
+// whether this failure tripped the breaker, and whether the target is
+// held now.
+func (b *breaker) failed(now int64, quiet time.Duration, cooldown func(n int) time.Duration) (tripped, held bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.fails++
-	tripped := false
 	if !b.held {
 		if b.fails < tripAfter || now-b.lastOK < int64(quiet) {
-			return false
+			return false, false
 		}
 		b.held, b.probes, tripped = true, 0, true
 	}
 	b.probes++
 	b.holdUntil = now + int64(cooldown(b.probes))
-	return tripped
+	return tripped, true
 }
 
 // answered records, at now, an answer that is not a retryable failure and
@@ -159,4 +161,73 @@ func (b *breaker) wake() {
 	b.mu.Lock()
 	b.notifyLocked()
 	b.mu.Unlock()
+}
+
+// The breaker's state is the relay's, not an instance's: on a shared
+// store every instance holds a target together, and one probe goes out at
+// a time across all of them. Each instance counts its own failures; the
+// trip, every probe, its failure and the release are written to the
+// store's key states (space breakerSpace, key the target's name) with a
+// compare-and-set, and every instance reads the record back once a
+// second (syncBreakers) and adopts it. On a store of one process the
+// same record keeps a held target held across a restart.
+const (
+	breakerSpace = "breaker"
+	breakerSync  = time.Second
+	// breakerKeep is how long a breaker record outlives its last write.
+	breakerKeep = 24 * time.Hour
+)
+
+// breakerRecord is the breaker's shared state.
+type breakerRecord struct {
+	Held       bool  `json:"held"`
+	HoldUntil  int64 `json:"hold_until"`  // unix ns: no probe before
+	Probes     int   `json:"probes"`      // failures since the trip
+	ProbeUntil int64 `json:"probe_until"` // unix ns: a probe is out until then
+}
+
+// adopt takes the shared record read at revision rev, unless the breaker
+// saw that revision already.
+func (b *breaker) adopt(rec breakerRecord, rev uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if rev == b.rev {
+		return
+	}
+	b.rev = rev
+	if !rec.Held {
+		b.releaseLocked()
+		return
+	}
+	b.held, b.probes = true, rec.Probes
+	if !b.probing {
+		// Another instance's probe, if one is out, holds this one's.
+		b.holdUntil = max(rec.HoldUntil, rec.ProbeUntil)
+	}
+	b.notifyLocked()
+}
+
+// seen records the revision of a write the breaker made itself.
+func (b *breaker) seen(rev uint64) {
+	b.mu.Lock()
+	b.rev = rev
+	b.mu.Unlock()
+}
+
+// snapshot returns the breaker's state as a shared record, with no probe
+// out.
+func (b *breaker) snapshot() breakerRecord {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return breakerRecord{Held: b.held, HoldUntil: b.holdUntil, Probes: b.probes}
+}
+
+// deferProbe makes a probe wait for one another instance has out, until
+// until: the caller's claim on the shared record lost.
+func (b *breaker) deferProbe(until int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.probing = false
+	b.holdUntil = max(b.holdUntil, until)
+	b.notifyLocked()
 }

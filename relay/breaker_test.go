@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
 // TestBreakerHoldsFailingTarget: a target that fails every attempt gets
@@ -88,14 +90,14 @@ func TestBreakerQuietPeriod(t *testing.T) {
 	at := func(ms int) int64 { return int64(ms) * int64(time.Millisecond) }
 	q.answered(at(1000))
 	for i := range 2 * tripAfter {
-		if q.failed(at(1001+i), quiet, cooldown) {
+		if tripped, _ := q.failed(at(1001+i), quiet, cooldown); tripped {
 			t.Fatalf("held after %d failures within %s of a success", i+1, quiet)
 		}
 	}
-	if !q.failed(at(1100), quiet, cooldown) || !q.isHeld() {
+	if tripped, held := q.failed(at(1100), quiet, cooldown); !tripped || !held || !q.isHeld() {
 		t.Fatal("not held after 21 failures and 100ms without a success")
 	}
-	if q.failed(at(1200), quiet, cooldown) {
+	if tripped, _ := q.failed(at(1200), quiet, cooldown); tripped {
 		t.Error("a second trip reported")
 	}
 	if fmt.Sprint(asked) != "[1 2]" || q.holdUntil != at(1200)+int64(2*time.Second) {
@@ -105,7 +107,7 @@ func TestBreakerQuietPeriod(t *testing.T) {
 		t.Fatal("an answer did not release the target")
 	}
 	for i := range tripAfter {
-		if q.failed(at(1301+i), quiet, cooldown) {
+		if tripped, _ := q.failed(at(1301+i), quiet, cooldown); tripped {
 			t.Fatalf("held %d failures after a release, within the quiet period", i+1)
 		}
 	}
@@ -169,4 +171,60 @@ func TestBreakerExpiresHeldDeliveries(t *testing.T) {
 			t.Errorf("dead letter %s: %q, want %q", dl.ID, dl.LastError, ReasonMaxAgeExceeded)
 		}
 	}
+}
+
+// TestBreakerSharedAcrossInstances: two engines on one store (as two
+// instances on one NATS) hold a failing target together: both show it
+// held, probes never overlap and keep the cooldown between them whichever
+// engine sends them, and one success releases it on both.
+func TestBreakerSharedAcrossInstances(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	var mu sync.Mutex
+	var failedAt []time.Time
+	target := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+		if down.Load() {
+			mu.Lock()
+			failedAt = append(failedAt, time.Now())
+			mu.Unlock()
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	tc := fastTarget("t", target.URL)
+	tc.BackoffMin, tc.BackoffMax = 50*time.Millisecond, 200*time.Millisecond
+	tc.MaxAttempts = 1000
+	tc.Concurrency = 4
+	shared := store.NewMemory(store.MemoryOptions{})
+	open := func() (store.Store, error) { return shared, nil }
+	cfg := Config{Targets: []TargetConfig{tc}}
+	e1 := openEngine(t, cfg, Options{OpenStore: open})
+	e2 := openEngine(t, cfg, Options{OpenStore: open})
+	const events = 60
+	for i := range events {
+		mustAccept(t, e1, v3Body(fmt.Sprint(i)))
+	}
+	waitFor(t, "both engines to hold the target", 10*time.Second, func() bool {
+		return targetStats(e1, "t").Held && targetStats(e2, "t").Held
+	})
+	// Attempts under way at the trip may still land; after them, probes.
+	waitFor(t, "attempts under way to end", 5*time.Second, func() bool { return target.inflight.Load() == 0 })
+	target.maxIn.Store(0)
+	before := target.count()
+	waitFor(t, "six probes", 10*time.Second, func() bool { return target.count() >= before+6 })
+	if n := target.maxIn.Load(); n > 1 {
+		t.Errorf("%d probes out at once across the two engines, want one", n)
+	}
+	mu.Lock()
+	probes := append([]time.Time(nil), failedAt[len(failedAt)-5:]...)
+	mu.Unlock()
+	for i := 1; i < len(probes); i++ {
+		if gap := probes[i].Sub(probes[i-1]); gap < tc.BackoffMin {
+			t.Errorf("probes %d and %d %s apart, want at least the cooldown %s", i-1, i, gap, tc.BackoffMin)
+		}
+	}
+
+	down.Store(false)
+	waitFor(t, "the backlog delivered and both released", 15*time.Second, func() bool {
+		return e1.PendingEvents() == 0 && !targetStats(e1, "t").Held && !targetStats(e2, "t").Held
+	})
 }

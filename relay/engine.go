@@ -65,9 +65,10 @@ type Engine struct {
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
 	loaded  chan struct{}                  // closed once the store's backlog is queued
 
-	settleErrors atomic.Int64
-	settleLogged atomic.Int64 // unix ns of the last such log line
-	takeLogged   atomic.Int64
+	settleErrors  atomic.Int64
+	settleLogged  atomic.Int64 // unix ns of the last such log line
+	takeLogged    atomic.Int64
+	breakerLogged atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -175,9 +176,10 @@ func (e *Engine) Open() error {
 	for _, t := range e.targets {
 		e.startWorkers(t)
 	}
-	e.wg.Add(2)
+	e.wg.Add(3)
 	go e.retireRemoved()
 	go e.janitor()
+	go e.syncBreakers()
 	e.state = stateOpen
 	e.m.add(e)
 	e.log.Info("relay open", zap.String("relay", e.cfg.Name))

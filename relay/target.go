@@ -155,6 +155,9 @@ func (e *Engine) work(t *target) {
 		if !ok {
 			continue // ctx done, quit, or told to look at the settings again
 		}
+		if probe && !e.claimProbe(t, t.cfg.Load()) {
+			continue // another instance's probe is out
+		}
 		lease, err := t.q.Take(look)
 		if err != nil {
 			t.brk.leave(probe, false, e.now().UnixNano())
@@ -173,6 +176,19 @@ func (e *Engine) work(t *target) {
 			continue
 		}
 		asked := e.attempt(t, lease)
+		if probe && !asked {
+			// The probe asked nothing (its delivery expired): let the
+			// next one go at once, here or at another instance. The
+			// shared record first: a worker let go before it is written
+			// would find this probe still out there.
+			e.shareBreaker(t, func(rec *breakerRecord, now int64) bool {
+				if !rec.Held {
+					return false
+				}
+				rec.ProbeUntil, rec.HoldUntil = 0, min(rec.HoldUntil, now)
+				return true
+			})
+		}
 		t.brk.leave(probe, asked, e.now().UnixNano())
 	}
 }
