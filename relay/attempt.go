@@ -15,7 +15,7 @@ import (
 // attempt makes one delivery attempt of a leased delivery and settles it
 // in the store. It reports whether the target was asked; when it was not
 // (the delivery expired), a held target's next probe may go at once.
-func (e *Engine) attempt(t *target, l store.Lease) (asked bool) {
+func (e *Engine) attempt(t *target, l store.Lease, probe bool) (asked bool) {
 	tc := t.cfg.Load() // this attempt's settings, whatever a reload does meanwhile
 	d := l.Delivery()
 	now := e.now()
@@ -51,7 +51,7 @@ func (e *Engine) attempt(t *target, l store.Lease) (asked bool) {
 		}
 		drain(resp)
 	}
-	e.feedBreaker(t, tc, &d, verdict, resp)
+	e.feedBreaker(t, tc, &d, verdict, resp, probe)
 	switch {
 	case verdict == Done:
 		e.settle(t, tc, l, &d, store.Delivered)
@@ -75,8 +75,10 @@ func (e *Engine) attempt(t *target, l store.Lease) (asked bool) {
 
 // feedBreaker gives an attempt's verdict to the target's breaker, shares
 // a trip, a failed probe or a release with the relay's other instances,
-// and logs when it trips or releases.
-func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response) {
+// and logs when it trips or releases. Failures of attempts that were under
+// way when the target was held are counted but not shared: the probe's
+// schedule is the one that counts.
+func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, verdict Verdict, resp *http.Response, probe bool) {
 	if verdict != Again {
 		if t.brk.answered(e.now().UnixNano()) {
 			e.shareBreaker(t, func(rec *breakerRecord, _ int64) bool {
@@ -92,7 +94,7 @@ func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, ver
 		return Backoff{Min: tc.BackoffMin, Max: tc.BackoffMax, Now: e.now}.Delay(n, resp)
 	}
 	tripped, held := t.brk.failed(e.now().UnixNano(), tc.BackoffMin, cooldown)
-	if !held {
+	if !held || !(tripped || probe) {
 		return
 	}
 	local := t.brk.snapshot()

@@ -54,6 +54,10 @@ func (e *Engine) shareBreaker(t *target, change func(rec *breakerRecord, now int
 		var newRev uint64
 		newRev, err = e.st.SetState(ctx, breakerSpace, t.name, v, rev, now.Add(breakerKeep))
 		if errors.Is(err, store.ErrConflict) {
+			// Another writer got there first: read its record and
+			// decide again. Losing every round means the record is being
+			// kept by the others.
+			err = nil
 			continue
 		}
 		if err != nil {
@@ -62,7 +66,10 @@ func (e *Engine) shareBreaker(t *target, change func(rec *breakerRecord, now int
 		t.brk.seen(newRev)
 		return rec, true
 	}
-	if err != nil && e.ctx.Err() == nil && e.logEvery(&e.breakerLogged, 10*time.Second) {
+	if err == nil {
+		return breakerRecord{}, false
+	}
+	if e.ctx.Err() == nil && e.logEvery(&e.breakerLogged, 10*time.Second) {
 		e.log.Warn("could not share a target's breaker state: instances hold it each on their own",
 			zap.String("target", t.name), zap.Error(err))
 	}

@@ -175,7 +175,7 @@ func (e *Engine) work(t *target) {
 			e.takeFailed(t, err)
 			continue
 		}
-		asked := e.attempt(t, lease)
+		asked := e.attempt(t, lease, probe)
 		if probe && !asked {
 			// The probe asked nothing (its delivery expired): let the
 			// next one go at once, here or at another instance. The

@@ -30,7 +30,8 @@ func OpenBoltExisting(path string, timeout time.Duration) (*Bolt, error) {
 	}
 	s, err := OpenBolt(path, BoltOptions{Timeout: timeout})
 	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, fmt.Errorf("%s is locked by another process: is a Caddy still using it? Stop it first: %w", path, err)
+		// OpenBolt's own message names the file and the lock again.
+		return nil, fmt.Errorf("%s is locked by another process: is a Caddy still using it? Stop it first (%w)", path, bolterrors.ErrTimeout)
 	}
 	return s, err
 }

@@ -17,7 +17,7 @@ import (
 // migrated event, expired or not: as long as it is there, another run
 // skips the event instead of storing again deliveries the relay may have
 // made meanwhile. Its stored expiry still decides when it stops counting
-// as seen.
+// as seen. The migrate command's help names it.
 const markerKeep = 30 * 24 * time.Hour
 
 // MigrateOptions configure Migrate.
@@ -29,7 +29,8 @@ type MigrateOptions struct {
 	// Now is the clock keys expire by; nil is the target store's.
 	Now func() time.Time
 	// Progress, if set, gets the counts so far after each delivery, dead
-	// letter and key, from Migrate's goroutine.
+	// letter and key copied or found there, and after each event skipped
+	// whole, from Migrate's goroutine.
 	Progress func(MigrateSummary)
 }
 
@@ -46,7 +47,7 @@ type MigrateSummary struct {
 // Migrate copies a bbolt store into the stream of to: each pending
 // delivery with its attempts and schedule, each dead letter, each
 // unexpired dedupe key with its expiry. The bbolt store must be one no
-// relay uses (store.OpenBoltExisting), and is only read. An error ends the
+// relay uses (store.OpenBoltExisting), and is not changed. An error ends the
 // run with the counts so far; running it again, after an error or
 // interruption or days later, copies what is missing and nothing twice.
 //
@@ -258,6 +259,8 @@ func (m *migration) pending(ctx context.Context, obj *objects, e *store.StoredEv
 		if err := s.kvPut(ctx, s.n.attempts, attemptKey(tok, e.ID), rec, ttl); err != nil {
 			return false, unavailable("recording attempts", err)
 		}
+		// Tells the queue that this delivery has a record although its
+		// first delivery is to come (queue.prepare), and what it holds.
 		msg.Header.Set(hdrDelivery, string(rec))
 	}
 	// The message id adds nothing to the subject check but for a run

@@ -272,7 +272,7 @@ func TestMigrate(t *testing.T) {
 			r := src.retry
 			if d.Attempts != r.Attempts || d.LastStatus != r.LastStatus || d.LastError != r.LastError ||
 				!d.FirstAttemptAt.Equal(r.FirstAttemptAt) || !d.LastAttemptAt.Equal(r.LastAttemptAt) || !d.NextAt.Equal(r.NextAt) {
-				t.Errorf("retried delivery taken as %+v, want %+v", d, r)
+				t.Errorf("retried delivery taken as %+v, want %+v (a first delivery with a Relay-Delivery header must read its attempt record)", d, r)
 			}
 			if early := time.Until(nextAttempt); early > 20*time.Millisecond {
 				t.Errorf("retried delivery taken %s before its next attempt", early)

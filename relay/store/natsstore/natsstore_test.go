@@ -34,13 +34,25 @@ type natsServer struct {
 	t    testing.TB
 	dir  string
 	port int
-	mu   sync.Mutex
-	s    *server.Server
+	// configure, if set, changes the options before each start (auth,
+	// TLS).
+	configure func(*server.Options)
+	mu        sync.Mutex
+	s         *server.Server
 }
 
 func startNATS(t testing.TB) *natsServer {
 	t.Helper()
 	ns := &natsServer{t: t, dir: t.TempDir(), port: -1}
+	ns.start()
+	t.Cleanup(ns.stop)
+	return ns
+}
+
+// startNATSWith starts a server whose options configure changes.
+func startNATSWith(t testing.TB, configure func(*server.Options)) *natsServer {
+	t.Helper()
+	ns := &natsServer{t: t, dir: t.TempDir(), port: -1, configure: configure}
 	ns.start()
 	t.Cleanup(ns.stop)
 	return ns
@@ -63,6 +75,9 @@ func (ns *natsServer) start() {
 	opts.Port = ns.port
 	opts.JetStream = true
 	opts.StoreDir = ns.dir
+	if ns.configure != nil {
+		ns.configure(&opts)
+	}
 	ns.s = natsserver.RunServer(&opts)
 	ns.port = ns.s.Addr().(*net.TCPAddr).Port
 }

@@ -344,10 +344,13 @@ func (q *queue) prepare(m jetstream.Msg) *lease {
 		q:       q,
 		m:       m,
 		fetched: time.Now(),
-		again:   md.NumDelivered > 1,
-		seq:     md.Sequence.Stream,
-		d:       store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at},
-		ev:      store.Event{ID: id, ReceivedAt: at, ContentType: h.Get(hdrContentType), Body: m.Data()},
+		// A delivery copied from another store with its attempts
+		// (migrate) has a record before its first delivery, and says
+		// so in a header.
+		again: md.NumDelivered > 1 || h.Get(hdrDelivery) != "",
+		seq:   md.Sequence.Stream,
+		d:     store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at},
+		ev:    store.Event{ID: id, ReceivedAt: at, ContentType: h.Get(hdrContentType), Body: m.Data()},
 	}
 	if !l.again {
 		return l
@@ -360,13 +363,22 @@ func (q *queue) prepare(m jetstream.Msg) *lease {
 	ctx, cancel := s.bounded(q.ctx)
 	defer cancel()
 	e, err := obj.attempts.Get(ctx, attemptKey(q.tok, id))
+	var rec []byte
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
+		// A copied delivery whose record is gone: its header is the
+		// best there is.
+		if hr := h.Get(hdrDelivery); hr != "" {
+			rec = []byte(hr)
+		}
 	case err != nil:
 		_ = m.NakWithDelay(time.Second)
 		return nil
 	default:
-		if err := decodeRecord(e.Value(), &l.d); err != nil {
+		rec = e.Value()
+	}
+	if rec != nil {
+		if err := decodeRecord(rec, &l.d); err != nil {
 			s.log.Warn("bad attempt record, counting from zero", zap.String("target", q.target), zap.String("event_id", id.String()), zap.Error(err))
 			l.d = store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at}
 		}
@@ -386,8 +398,9 @@ type lease struct {
 	ev      store.Event
 	fetched time.Time
 	seq     uint64 // stream sequence
-	// again is true for a redelivery: only then can an attempt record or
-	// a dead letter of an earlier round exist.
+	// again is true for a redelivery or a copied delivery with attempts:
+	// only then can an attempt record or a dead letter of an earlier
+	// round exist.
 	again bool
 
 	mu      sync.Mutex // one Settle at a time

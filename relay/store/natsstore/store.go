@@ -121,6 +121,12 @@ func Open(cfg Config) (*Store, error) {
 		nats.RetryOnFailedConnect(true),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
+		// Credentials refused twice in a row would close the connection
+		// for good, and the store would stay down after the server
+		// takes them (a token rolled out to the servers after the
+		// relays): keep trying, once a second, as for a server that is
+		// away.
+		nats.IgnoreAuthErrorAbort(),
 		// A server that vanishes without closing the socket is noticed
 		// within about 15 s, not the default 4 minutes.
 		nats.PingInterval(5 * time.Second),
@@ -132,6 +138,7 @@ func Open(cfg Config) (*Store, error) {
 				err = nats.ErrConnectionClosed
 			}
 			s.setDown(fmt.Errorf("lost nats connection: %w", err))
+			s.poke() // to follow the reconnects' errors
 		}),
 		nats.ClosedHandler(func(*nats.Conn) { close(s.ncEnd) }),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
@@ -165,11 +172,12 @@ func Open(cfg Config) (*Store, error) {
 	}
 	s.nc, s.js = nc, js
 	if !nc.IsConnected() {
-		reason := errors.New("no server answered")
-		if err := nc.LastError(); err != nil {
-			reason = err
+		reason := nc.LastError()
+		if reason == nil {
+			reason = errors.New("no server answered")
 		}
-		s.setDown(fmt.Errorf("cannot reach nats %s, retrying: %w", redact(cfg.URLs), reason))
+		s.setDown(connectError(cfg.URLs, reason))
+		s.poke() // to follow the reconnects' errors
 	}
 	s.wg.Add(1)
 	go s.supervise()
@@ -184,6 +192,16 @@ func Open(cfg Config) (*Store, error) {
 		}
 	}
 	return s, nil
+}
+
+// connectError says why no server took the connection: refused
+// credentials apart from the rest (a server away, a certificate not
+// trusted), which the client's error says.
+func connectError(urls []string, err error) error {
+	if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
+		return fmt.Errorf("nats %s refused the relay's credentials, retrying: %w", redact(urls), err)
+	}
+	return fmt.Errorf("cannot reach nats %s, retrying: %w", redact(urls), err)
 }
 
 // redact drops any user info from the URLs, for logs and errors.
@@ -223,6 +241,14 @@ func (s *Store) supervise() {
 		case <-retry.C:
 		}
 		if !s.nc.IsConnected() {
+			// The client reconnects by itself. While it does, its last
+			// error is that of a server that answered and turned it
+			// away (credentials, TLS), which says more than "lost the
+			// connection" and which Open may not have known yet.
+			if err := s.nc.LastError(); err != nil {
+				s.setDown(connectError(s.cfg.URLs, err))
+			}
+			retry.Reset(time.Second)
 			continue
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout+s.cfg.Timeout)
