@@ -5,10 +5,17 @@
 // It builds cmd/caddy, then starts each server variant in turn as a
 // subprocess with fresh storage: respond 200 (the ceiling), reverse_proxy
 // to the local target (a synchronous relay), the relay on bbolt, the relay
-// on `storage memory`. The target (the "internal service") runs in this
-// process and counts what it receives by Idempotency-Key. When taskset
-// exists the server is pinned to CPU 0 and this process (load generator
+// on `storage memory`, and the relay on `storage nats` against a one-node
+// nats-server (built from go.mod's version, JetStream with
+// `sync_interval: always`, a fresh store dir and so a fresh stream for
+// every run). -servers picks the variants. The target (the "internal
+// service") runs in this process and counts what it receives by
+// Idempotency-Key. When taskset exists the server (and relay-nats's
+// nats-server with it) is pinned to CPU 0 and this process (load generator
 // and target) to CPU 1.
+//
+// relay-nats runs the burst and latency scenarios; sustained and backlog
+// (with the restart with events pending) run on relay-bolt only.
 //
 // The load generator writes pre-rendered HTTP/1.1 requests (OkHi v2
 // bodies, a fraction of them exact re-sends) on pooled keep-alive
@@ -19,6 +26,7 @@
 //	go run ./examples/loadtest                       # about 5 minutes
 //	go run ./examples/loadtest -duration 60s -restart-pending 1000000 -fill-timeout 10m
 //	go run ./examples/loadtest -scenarios burst -pprof /tmp/prof   # with Caddy's profiles
+//	go run ./examples/loadtest -scenarios burst,latency -servers respond,relay-bolt,relay-nats
 //
 // Sending the backlog and the restart-pending events is bounded by
 // -fill-timeout; a row says when fewer were sent. Storage lives under -dir
@@ -47,8 +55,10 @@ type options struct {
 	backlog        int
 	restartPending int
 	scenarios      []string
+	servers        []string
 	pin            bool
 	caddyBin       string
+	natsBin        string
 	baseDir        string
 	keep           bool
 	concurrency    int
@@ -65,7 +75,7 @@ func main() {
 
 func run() int {
 	var o options
-	var scen string
+	var scen, servers string
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "length of each burst, latency and sustained run")
 	flag.IntVar(&o.conns, "conns", 64, "keep-alive connections of the load generator")
 	flag.Float64Var(&o.rate, "rate", 1000, "open-loop rate (requests/s) of the latency scenario")
@@ -73,8 +83,10 @@ func run() int {
 	flag.IntVar(&o.backlog, "backlog", 100_000, "events sent while the target is down, then drained")
 	flag.IntVar(&o.restartPending, "restart-pending", 200_000, "events pending when the relay is restarted (0 skips; the issue's figure is 1000000, with a longer -fill-timeout)")
 	flag.StringVar(&scen, "scenarios", "burst,latency,sustained,backlog", "scenarios to run, comma-separated")
-	flag.BoolVar(&o.pin, "pin", true, "pin the server to CPU 0 and this process to CPU 1 when taskset exists")
+	flag.StringVar(&servers, "servers", strings.Join(allKinds, ","), "servers to run, comma-separated; sustained and backlog run only on relay-bolt, relay-nats only burst and latency")
+	flag.BoolVar(&o.pin, "pin", true, "pin the server (and relay-nats's nats-server) to CPU 0 and this process to CPU 1 when taskset exists")
 	flag.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./cmd/caddy")
+	flag.StringVar(&o.natsBin, "nats-server", "", "use this nats-server binary instead of building go.mod's github.com/nats-io/nats-server/v2")
 	flag.StringVar(&o.baseDir, "dir", "", "parent of the temp dir (holds the stores; its file system decides what fsync costs)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temp dir (Caddyfiles, logs, stores)")
 	flag.IntVar(&o.concurrency, "concurrency", 32, "the relay target's delivery concurrency")
@@ -84,16 +96,14 @@ func run() int {
 	flag.IntVar(&o.sustainSteps, "sustain-steps", 3, "rates tried by the sustained scenario (a search between the burst's delivery and ack rates)")
 	flag.StringVar(&o.pprofDir, "pprof", "", "save Caddy's CPU and allocation profiles of each burst into this directory")
 	flag.Parse()
-	for s := range strings.SplitSeq(scen, ",") {
-		if s = strings.TrimSpace(s); s != "" {
-			o.scenarios = append(o.scenarios, s)
-		}
+	var err error
+	if o.scenarios, err = parseList(scen, []string{"burst", "latency", "sustained", "backlog"}); err != nil {
+		fmt.Fprintf(os.Stderr, "-scenarios: %v\n", err)
+		return 2
 	}
-	for _, s := range o.scenarios {
-		if !slices.Contains([]string{"burst", "latency", "sustained", "backlog"}, s) {
-			fmt.Fprintf(os.Stderr, "unknown scenario %q (want burst, latency, sustained, backlog)\n", s)
-			return 2
-		}
+	if o.servers, err = parseList(servers, allKinds); err != nil {
+		fmt.Fprintf(os.Stderr, "-servers: %v\n", err)
+		return 2
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -106,6 +116,35 @@ func run() int {
 		return 130
 	}
 	return code
+}
+
+// parseList splits a comma-separated flag value, checking every item
+// against known.
+func parseList(v string, known []string) ([]string, error) {
+	var out []string
+	for s := range strings.SplitSeq(v, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if !slices.Contains(known, s) {
+			return nil, fmt.Errorf("unknown %q (want some of %s)", s, strings.Join(known, ", "))
+		}
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("empty (want some of %s)", strings.Join(known, ", "))
+	}
+	return out, nil
+}
+
+// runs reports whether server kind is selected.
+func (o *options) runs(kind string) bool { return slices.Contains(o.servers, kind) }
+
+// natsNeeded: relay-nats is selected with a scenario it runs in.
+func (o *options) natsNeeded() bool {
+	return o.runs(kindNATS) && (slices.Contains(o.scenarios, "burst") || slices.Contains(o.scenarios, "latency"))
 }
 
 func (r *runner) main(ctx context.Context) int {
@@ -148,6 +187,18 @@ func (r *runner) main(ctx context.Context) int {
 		}
 		progress("built in %s", time.Since(t0).Round(time.Millisecond))
 	}
+	if o.natsNeeded() {
+		r.natsBin = o.natsBin
+		if r.natsBin == "" {
+			progress("building nats-server (go.mod's version)")
+			t0 := time.Now()
+			if r.natsBin, err = buildNATS(ctx, tmp); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			progress("built in %s", time.Since(t0).Round(time.Millisecond))
+		}
+	}
 
 	_, tsErr := exec.LookPath("taskset")
 	if o.pin && len(readCores()) >= 2 && tsErr == nil {
@@ -159,11 +210,21 @@ func (r *runner) main(ctx context.Context) int {
 	}
 	if r.pinned {
 		fmt.Println("pinning: server on CPU 0 (taskset -c 0), load generator and target on CPU 1 (taskset -a -pc 1)")
+		if r.natsBin != "" {
+			fmt.Println("pinning: relay-nats's nats-server on CPU 0 too (taskset -c 0), beside its Caddy")
+		}
 	} else {
 		fmt.Printf("pinning: off (pin=%v, cores=%d, taskset: %v): figures are not comparable to pinned runs\n", o.pin, len(readCores()), tsErr == nil)
 	}
 	fmt.Printf("load: %d connections, %.0f%% exact re-sends, OkHi v2 bodies; relay forward concurrency %d, backoff 100ms 2s\n",
 		o.conns, 100*o.resend, o.concurrency)
+	fmt.Println("servers: " + strings.Join(o.servers, ", "))
+	if r.natsBin != "" {
+		fmt.Printf("relay-nats: %s, one node on 127.0.0.1, JetStream with sync_interval always (fsync before every ack), "+
+			"a new nats-server on a fresh store dir (a fresh stream) for every run; its CPU counts in the server CPU column, "+
+			"its RSS is in the notes; sustained and backlog (and the restart with events pending) do not run on it\n",
+			strings.TrimSpace(cmdOutput(r.natsBin, "--version")))
+	}
 	fmt.Println()
 
 	if r.target, err = startTarget(); err != nil {
@@ -186,7 +247,7 @@ func (r *runner) main(ctx context.Context) int {
 			var rounds []map[string]*burstFigures
 			for r.round = 1; r.round <= max(o.rounds, 1) && err == nil; r.round++ {
 				r.burst = map[string]*burstFigures{}
-				for _, k := range []string{kindRespond, kindProxy, kindBolt, kindMemory} {
+				for _, k := range o.servers {
 					if err = r.runBurst(ctx, k); err != nil {
 						break
 					}
@@ -196,18 +257,17 @@ func (r *runner) main(ctx context.Context) int {
 			r.round = 0
 			r.mergeRounds(rounds)
 		case "latency":
-			if err = r.runLatency(ctx, kindRespond, modeHealthy); err != nil {
-				break
+			err = r.latencies(ctx)
+		case "sustained", "backlog":
+			if !o.runs(kindBolt) {
+				progress("%s: skipped, it runs on relay-bolt, which -servers leaves out", s)
+				continue
 			}
-			for _, m := range []int32{modeHealthy, modeSlow, modeDown} {
-				if err = r.runLatency(ctx, kindBolt, m); err != nil {
-					break
-				}
+			if s == "sustained" {
+				err = r.runSustained(ctx)
+			} else {
+				err = r.runBacklog(ctx)
 			}
-		case "sustained":
-			err = r.runSustained(ctx)
-		case "backlog":
-			err = r.runBacklog(ctx)
 		}
 		r.stopServer()
 		if err != nil {
@@ -223,6 +283,28 @@ func (r *runner) main(ctx context.Context) int {
 		return 1
 	}
 	return 0
+}
+
+// latencies runs the latency scenario: respond as the floor, then each
+// selected relay with the target healthy, slow and down. relay-memory
+// acks without a write, so its latency says nothing about the store.
+func (r *runner) latencies(ctx context.Context) error {
+	if r.opts.runs(kindRespond) {
+		if err := r.runLatency(ctx, kindRespond, modeHealthy); err != nil {
+			return err
+		}
+	}
+	for _, k := range []string{kindBolt, kindNATS} {
+		if !r.opts.runs(k) {
+			continue
+		}
+		for _, m := range []int32{modeHealthy, modeSlow, modeDown} {
+			if err := r.runLatency(ctx, k, m); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func progress(format string, args ...any) {

@@ -68,4 +68,27 @@ func TestMergeRounds(t *testing.T) {
 	if _, ok := r.burstRatios[kindMemory]; ok {
 		t.Error("a ratio for a server that never ran")
 	}
+	if r.natsToBolt != nil {
+		t.Errorf("relay-nats to relay-bolt ratios %v without relay-nats", r.natsToBolt)
+	}
+}
+
+// TestMergeRoundsNATS: relay-nats is compared with relay-bolt of the same
+// round, and a round without relay-bolt gives no ratio.
+func TestMergeRoundsNATS(t *testing.T) {
+	r := &runner{}
+	r.mergeRounds([]map[string]*burstFigures{
+		{kindRespond: {acks: 10000}, kindBolt: {acks: 3000}, kindNATS: {acks: 1500, rss: 40, natsRSS: 30}},
+		{kindRespond: {acks: 20000}, kindBolt: {acks: 4000}, kindNATS: {acks: 3000, rss: 50, natsRSS: 20}},
+		{kindRespond: {acks: 20000}, kindNATS: {acks: 3000}},
+	})
+	if got := fmt.Sprint(r.natsToBolt); got != "[0.5 0.75]" {
+		t.Errorf("relay-nats to relay-bolt %s, want [0.5 0.75]", got)
+	}
+	if got := fmt.Sprint(r.burstRatios[kindNATS]); got != "[0.15 0.15 0.15]" {
+		t.Errorf("relay-nats to respond %s, want [0.15 0.15 0.15]", got)
+	}
+	if b := r.burst[kindNATS]; b.acks != 3000 || b.rss != 50 || b.natsRSS != 30 {
+		t.Errorf("merged relay-nats figures %+v, want acks 3000, RSS 50, nats-server RSS 30", b)
+	}
 }

@@ -12,13 +12,14 @@ import (
 
 // runner holds what the scenarios share.
 type runner struct {
-	opts   options
-	bin    string
-	base   string
-	pinned bool
-	target *target
-	cur    *server // the running server, stopped on any exit
-	failed bool
+	opts    options
+	bin     string
+	natsBin string // nats-server, built when relay-nats runs
+	base    string
+	pinned  bool
+	target  *target
+	cur     *server // the running server, stopped on any exit
+	failed  bool
 
 	rows  []row
 	burst map[string]*burstFigures
@@ -26,9 +27,11 @@ type runner struct {
 	// burstRatios each relay's ratios to respond, one per round.
 	round       int
 	burstRatios map[string][]float64
+	// natsToBolt is relay-nats's acks over relay-bolt's, one per round.
+	natsToBolt []float64
 
 	// Figures for the targets summary.
-	latencyP99 map[int32]time.Duration
+	latencyP99 map[string]map[int32]time.Duration // by server, by target mode
 	// latencyRespondP99 is respond's p99 at the same rate: the floor.
 	latencyRespondP99 time.Duration
 	sustained         float64
@@ -42,6 +45,7 @@ type burstFigures struct {
 	acks, delivered, acceptedFraction float64
 	p99                               time.Duration
 	rss                               float64
+	natsRSS                           float64 // relay-nats: nats-server's peak RSS
 }
 
 // row is one line of the report; negative numbers print as "–".
@@ -66,11 +70,26 @@ func (r *runner) newServer(ctx context.Context, kind string) (*server, error) {
 	}
 	r.target.reset()
 	r.target.mode.Store(modeHealthy)
+	var ns *natsServer
+	if kind == kindNATS {
+		// A nats-server of its own on a fresh store dir: a fresh stream.
+		ns, err = startNATS(ctx, r.natsBin, conf.dir, conf.storeDir(), conf.natsPort, conf.natsMonitor, r.pinned)
+		if err != nil {
+			return nil, err
+		}
+	}
 	s, err := start(ctx, r.bin, conf, r.pinned)
 	if err != nil {
+		ns.stop()
 		return nil, err
 	}
+	s.nats = ns
 	r.cur = s
+	if ns != nil {
+		if err := s.waitStoreUp(ctx, 30*time.Second); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -88,9 +107,9 @@ func (r *runner) stopServer() time.Duration {
 // measure runs spec against s and fills the common columns of a row.
 func (r *runner) measure(ctx context.Context, s *server, scenario string, spec loadSpec) (*loadResult, row) {
 	spec.addr = s.conf.addr()
-	c0 := s.cpu()
+	c0, n0 := s.cpu(), s.nats.cpu()
 	res := runLoad(ctx, spec)
-	c1 := s.cpu()
+	c1, n1 := s.cpu(), s.nats.cpu()
 	rw := row{
 		scenario: scenario, server: s.conf.kind,
 		acks: res.rate(), ratio: -1,
@@ -98,6 +117,10 @@ func (r *runner) measure(ctx context.Context, s *server, scenario string, spec l
 		genCPU: 100 * res.selfCPU.Seconds() / res.elapsed.Seconds(),
 		srvCPU: 100 * (c1 - c0).Seconds() / res.elapsed.Seconds(),
 		rss:    s.peakRSS(),
+	}
+	if s.nats != nil {
+		rw.notes = append(rw.notes, fmt.Sprintf("server CPU is Caddy %.0f%% + nats-server %.0f%%",
+			100*((c1-c0)-(n1-n0)).Seconds()/res.elapsed.Seconds(), 100*(n1-n0).Seconds()/res.elapsed.Seconds()))
 	}
 	if resp := r.respondAcks(); resp > 0 && spec.rate == 0 {
 		rw.ratio = rw.acks / resp // only a closed loop measures a maximum
@@ -176,10 +199,16 @@ var benign = []string{
 	"storage is memory: events are lost when Caddy stops",
 }
 
-// finish stops s and adds what its log said at warn level or worse.
+// finish stops s and adds what its log (and its nats-server's) said at
+// warn level or worse.
 func (r *runner) finish(s *server, rw *row) time.Duration {
 	d := r.stopServer()
 	p := s.logProblems()
+	if s.nats != nil {
+		for k, n := range s.nats.logProblems() {
+			p["nats-server "+k] += n
+		}
+	}
 	keys := make([]string, 0, len(p))
 	for k := range p {
 		if !slices.ContainsFunc(benign, func(b string) bool { return strings.HasSuffix(k, ": "+b) }) {
@@ -200,7 +229,7 @@ func (r *runner) finish(s *server, rw *row) time.Duration {
 	return d
 }
 
-func isRelay(kind string) bool { return kind == kindBolt || kind == kindMemory }
+func isRelay(kind string) bool { return kind == kindBolt || kind == kindMemory || kind == kindNATS }
 
 // runBurst: closed loop, all connections, -duration, target healthy.
 func (r *runner) runBurst(ctx context.Context, kind string) error {
@@ -247,11 +276,15 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 		if n := r.target.redelivered.Load(); n > 0 {
 			rw.notes = append(rw.notes, fmt.Sprintf("%d redelivered", n))
 		}
-		if kind == kindBolt {
+		if kind == kindBolt || kind == kindNATS {
 			rw.notes = append(rw.notes, fmt.Sprintf("store %.1f MB", float64(dirSize(s.conf.storeDir()))/(1<<20)))
 		}
 		rw.rss = s.peakRSS()
 		fig.rss = rw.rss
+		if s.nats != nil {
+			fig.natsRSS = s.nats.peakRSS()
+			rw.notes = append(rw.notes, fmt.Sprintf("peak RSS is Caddy's; nats-server's %.0f MB", fig.natsRSS))
+		}
 	}
 	r.burst[kind] = fig
 	r.finish(s, &rw)
@@ -264,8 +297,14 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 // largest peak RSS).
 func (r *runner) mergeRounds(rounds []map[string]*burstFigures) {
 	r.burstRatios = map[string][]float64{}
+	r.natsToBolt = nil
+	for _, round := range rounds {
+		if n, b := round[kindNATS], round[kindBolt]; n != nil && b != nil && b.acks > 0 {
+			r.natsToBolt = append(r.natsToBolt, n.acks/b.acks)
+		}
+	}
 	merged := map[string]*burstFigures{}
-	for _, k := range []string{kindRespond, kindProxy, kindBolt, kindMemory} {
+	for _, k := range allKinds {
 		var acks, delivered, accepted []float64
 		var p99s []time.Duration
 		m := &burstFigures{}
@@ -279,6 +318,7 @@ func (r *runner) mergeRounds(rounds []map[string]*burstFigures) {
 			accepted = append(accepted, f.acceptedFraction)
 			p99s = append(p99s, f.p99)
 			m.rss = max(m.rss, f.rss)
+			m.natsRSS = max(m.natsRSS, f.natsRSS)
 			if resp := round[kindRespond]; resp != nil && resp.acks > 0 {
 				r.burstRatios[k] = append(r.burstRatios[k], f.acks/resp.acks)
 			}
@@ -322,9 +362,12 @@ func (r *runner) runLatency(ctx context.Context, kind string, mode int32) error 
 		return ctx.Err()
 	}
 	if r.latencyP99 == nil {
-		r.latencyP99 = map[int32]time.Duration{}
+		r.latencyP99 = map[string]map[int32]time.Duration{}
 	}
-	r.latencyP99[mode] = rw.p99
+	if r.latencyP99[kind] == nil {
+		r.latencyP99[kind] = map[int32]time.Duration{}
+	}
+	r.latencyP99[kind][mode] = rw.p99
 	rw.notes = append(rw.notes, fmt.Sprintf("max %s", fmtDur(res.hist.max)))
 	if p99, err := s.ackP99(); err == nil {
 		rw.notes = append(rw.notes, fmt.Sprintf("inside Caddy p99 <= %s (ack_duration_seconds bucket)", fmtDur(p99)))
@@ -334,6 +377,9 @@ func (r *runner) runLatency(ctx context.Context, kind string, mode int32) error 
 		rw.notes = append(rw.notes, fmt.Sprintf("%d pending at the end", p))
 	}
 	rw.rss = s.peakRSS()
+	if s.nats != nil {
+		rw.notes = append(rw.notes, fmt.Sprintf("peak RSS is Caddy's; nats-server's %.0f MB", s.nats.peakRSS()))
+	}
 	if d := r.finish(s, &rw); d > time.Second {
 		rw.notes = append(rw.notes, fmt.Sprintf("shutdown took %.1fs", d.Seconds()))
 	}

@@ -28,7 +28,11 @@ const (
 	kindProxy   = "reverse_proxy"
 	kindBolt    = "relay-bolt"
 	kindMemory  = "relay-memory"
+	kindNATS    = "relay-nats"
 )
+
+// allKinds is every variant, in the order a burst round runs them.
+var allKinds = []string{kindRespond, kindProxy, kindBolt, kindMemory, kindNATS}
 
 // buildCaddy builds cmd/caddy of the module that holds the working
 // directory into dir.
@@ -65,6 +69,9 @@ type serverConf struct {
 	targetURL   string
 	concurrency int
 	launches    int
+	// natsPort and natsMonitor are relay-nats's nats-server's client and
+	// monitoring ports.
+	natsPort, natsMonitor int
 }
 
 func (c *serverConf) addr() string      { return "127.0.0.1:" + strconv.Itoa(c.port) }
@@ -80,10 +87,15 @@ func (c *serverConf) render() string {
 		u := strings.TrimPrefix(c.targetURL, "http://")
 		host, _, _ := strings.Cut(u, "/")
 		site = "\treverse_proxy " + host + "\n"
-	case kindBolt, kindMemory:
+	case kindBolt, kindMemory, kindNATS:
 		storage := c.storeDir()
-		if c.kind == kindMemory {
+		switch c.kind {
+		case kindMemory:
 			storage = "memory"
+		case kindNATS:
+			// The defaults otherwise: stream WEBHOOK_RELAY_BENCH, one
+			// replica, intake waits up to 2 s for JetStream's ack.
+			storage = "nats nats://127.0.0.1:" + strconv.Itoa(c.natsPort)
 		}
 		// max_pending above the default of 1,000,000, so that the relay
 		// restarted with -restart-pending 1000000 can take new events.
@@ -123,6 +135,8 @@ type server struct {
 	log     *os.File
 	logPath string // one log per process, beside the Caddyfile
 	started time.Time
+	// nats is relay-nats's nats-server, stopped after Caddy.
+	nats *natsServer
 }
 
 // adminURL is path on the server's admin endpoint.
@@ -145,6 +159,14 @@ func newServerConf(base, kind, targetURL string, concurrency int) (*serverConf, 
 		return nil, err
 	}
 	c := &serverConf{kind: kind, dir: dir, port: port, admin: admin, targetURL: targetURL, concurrency: concurrency}
+	if kind == kindNATS {
+		if c.natsPort, err = freePort(); err != nil {
+			return nil, err
+		}
+		if c.natsMonitor, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.MkdirAll(c.storeDir(), 0o700); err != nil {
 		return nil, err
 	}
@@ -239,10 +261,13 @@ func (s *server) exited() bool {
 	}
 }
 
-// cpu is the server's on-CPU time so far.
+// cpu is the server side's on-CPU time so far: Caddy's, plus its
+// nats-server's for relay-nats, since both share the server core and
+// relay-bolt's Caddy does that work (the store's writes and fsyncs)
+// itself.
 func (s *server) cpu() time.Duration {
 	d, _ := procCPU(s.pid())
-	return d
+	return d + s.nats.cpu()
 }
 
 // peakRSS is the server's peak resident set so far, in MB.
@@ -250,7 +275,8 @@ func (s *server) peakRSS() float64 {
 	return float64(procStatusKB(s.pid(), "VmHWM")) / 1024
 }
 
-// stop sends SIGTERM, kills after 15 s, and returns how long the exit took.
+// stop sends SIGTERM, kills after 15 s, and returns how long Caddy's exit
+// took; then it stops the nats-server, if any.
 func (s *server) stop() time.Duration {
 	if s == nil {
 		return 0
@@ -266,7 +292,9 @@ func (s *server) stop() time.Duration {
 		}
 	}
 	_ = s.log.Close()
-	return time.Since(t0)
+	d := time.Since(t0)
+	s.nats.stop()
+	return d
 }
 
 // logTail returns the last n lines Caddy wrote.
@@ -306,6 +334,46 @@ func (s *server) logProblems() map[string]int {
 		}
 	}
 	return out
+}
+
+// waitStoreUp waits until the admin API says every relay's store takes
+// writes: Caddy answers HTTP before the relay has connected to NATS and
+// set up its stream, and a burst begun then would start with 503s.
+func (s *server) waitStoreUp(ctx context.Context, timeout time.Duration) error {
+	c := &http.Client{Timeout: 2 * time.Second}
+	deadline := time.Now().Add(timeout)
+	last := "no answer"
+	for {
+		resp, err := c.Get(s.conf.adminURL("/webhook_relay/"))
+		if err == nil {
+			var v struct {
+				Relays []struct {
+					StoreUp    bool   `json:"store_up"`
+					StoreError string `json:"store_error"`
+				} `json:"relays"`
+			}
+			err = json.NewDecoder(resp.Body).Decode(&v)
+			_ = resp.Body.Close()
+			if err == nil {
+				up := len(v.Relays) > 0
+				for _, r := range v.Relays {
+					if !r.StoreUp {
+						up, last = false, "store down: "+r.StoreError
+					}
+				}
+				if up {
+					return nil
+				}
+			}
+		}
+		if err != nil {
+			last = err.Error()
+		}
+		if s.exited() || ctx.Err() != nil || time.Now().After(deadline) {
+			return fmt.Errorf("%s: store not up within %s (%s); log:\n%s", s.conf.kind, timeout, last, s.logTail(20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // pending asks the admin API how many events the relay still owes.
