@@ -11,6 +11,12 @@
 // whatever happened to the process, and an event that got only 503s is
 // never delivered.
 //
+// The NATS tests (nats_test.go) build a nats-server binary once, without
+// -race, and run it as a real process beside two Caddy instances of one
+// relay on one stream: kill -9 of an instance under load (another one
+// takes its deliveries over), and nats-server stopped, killed and
+// restarted from its files while events flow.
+//
 // Run it with `go test -count=1 -v ./faulttest/` (about a minute on two
 // cores, the build of Caddy included). It needs the go command and a
 // unix; the storage tests need Linux, and root for their tmpfs (without
