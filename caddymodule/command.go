@@ -33,7 +33,7 @@ dead-letters list|replay|delete calls the relay's routes on Caddy's admin
 endpoint (--address, default localhost:2019).
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(simulateCommand(), deadLettersCommand())
+			cmd.AddCommand(simulateCommand(), deadLettersCommand(), migrateCommand())
 		},
 	})
 }
