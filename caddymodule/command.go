@@ -22,8 +22,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "webhook-relay",
-		Usage: "simulate|dead-letters ...",
-		Short: "Simulates OkHi's webhooks and manages the relay's dead letters",
+		Usage: "simulate|dead-letters|migrate ...",
+		Short: "Simulates OkHi's webhooks, manages the relay's dead letters, moves a bbolt store to NATS",
 		Long: `
 simulate sends OkHi-shaped events to a relay the way OkHi does (15 s
 timeout, retries with exponential backoff, so duplicates happen) and
@@ -31,6 +31,11 @@ prints what came back.
 
 dead-letters list|replay|delete calls the relay's routes on Caddy's admin
 endpoint (--address, default localhost:2019).
+
+migrate copies a bbolt store (pending deliveries with their attempts,
+dead letters, unexpired dedupe keys) into a NATS JetStream stream, for
+several instances sharing one relay; it can be run again without
+duplicating anything.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(simulateCommand(), deadLettersCommand(), migrateCommand())
