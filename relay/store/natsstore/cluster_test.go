@@ -16,6 +16,7 @@ import (
 	natsserver "github.com/nats-io/nats-server/v2/test"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store/storetest"
@@ -130,6 +131,14 @@ func (c *natsCluster) index(name string) int {
 	return -1
 }
 
+// waitLeaders waits until every one of streams has a leader.
+func (c *natsCluster) waitLeaders(t testing.TB, streams ...string) {
+	t.Helper()
+	for _, st := range streams {
+		c.streamLeader(t, st)
+	}
+}
+
 // streamLeader waits until stream has a leader and returns its node.
 func (c *natsCluster) streamLeader(t testing.TB, stream string) int {
 	t.Helper()
@@ -142,9 +151,9 @@ func (c *natsCluster) streamLeader(t testing.TB, stream string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
-		ctx, cancel := context.WithTimeout(ctxBG, 2*time.Second)
+		ctx, cancel := context.WithTimeout(ctxBG, 500*time.Millisecond)
 		st, err := js.Stream(ctx, stream)
 		var info *jetstream.StreamInfo
 		if err == nil {
@@ -157,7 +166,36 @@ func (c *natsCluster) streamLeader(t testing.TB, stream string) int {
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("stream %s has no leader after 20s: %v", stream, err)
+			t.Fatalf("stream %s has no leader after 30s: %v", stream, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitMetaLeader waits until the cluster answers JetStream requests:
+// its meta leader is elected. A store opened before would wait out its
+// setup's retry delay.
+func (c *natsCluster) waitMetaLeader(t testing.TB) {
+	t.Helper()
+	nc, err := nats.Connect(strings.Join(c.urls(), ","))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(ctxBG, time.Second)
+		_, err := js.AccountInfo(ctx)
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no JetStream meta leader after 30s: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -198,16 +236,19 @@ func openClusterUp(t testing.TB, cfg Config) *Store {
 }
 
 // TestCluster runs on three nodes and replicas 3: the core of the contract,
-// one event sent to two instances at once, and the loss of the stream
-// leader's node while events flow.
+// one event sent to two instances at once, and, while events flow, the
+// loss of the stream leader's node, then of every node.
 func TestCluster(t *testing.T) {
-	c := startCluster(t)
 	began := time.Now()
-	// The first store waits out the meta leader's election.
+	c := startCluster(t)
+	started := time.Since(began)
+	c.waitMetaLeader(t)
+	elected := time.Since(began)
 	first := openClusterUp(t, clusterConfig(c, nil))
 	c.streamLeader(t, first.cfg.Stream)
 	first.Close()
-	t.Logf("cluster ready for streams after %s", time.Since(began))
+	t.Logf("cluster: nodes started in %s, meta leader after %s, first store up after %s",
+		started.Round(time.Millisecond), elected.Round(time.Millisecond), time.Since(began).Round(time.Millisecond))
 
 	t.Run("Core", func(t *testing.T) {
 		storetest.RunCore(t, storetest.Harness{
@@ -220,6 +261,7 @@ func TestCluster(t *testing.T) {
 	})
 	t.Run("ConcurrentAccept", func(t *testing.T) { testClusterConcurrentAccept(t, c) })
 	t.Run("LeaderLoss", func(t *testing.T) { testClusterLeaderLoss(t, c) })
+	t.Run("Restart", func(t *testing.T) { testClusterRestart(t, c) })
 }
 
 // testClusterConcurrentAccept: the same event accepted by two instances at
@@ -311,63 +353,59 @@ func testClusterConcurrentAccept(t *testing.T, c *natsCluster) {
 	}
 }
 
-// testClusterLeaderLoss: events flow into an instance while the node
-// leading the stream is shut down. No acknowledged event is lost, and
-// intake fails (with ErrUnavailable) at most while a new leader is
-// elected.
-func testClusterLeaderLoss(t *testing.T, c *natsCluster) {
-	cfg := clusterConfig(c, nil)
-	s := openClusterUp(t, cfg)
-	defer s.Close()
-	leader := c.streamLeader(t, cfg.Stream)
+// flow accepts events into a store from two writers until stopped (two,
+// so that one stuck on a lost request does not stop the flow), and
+// records what became of each.
+type flow struct {
+	t      *testing.T
+	s      *Store
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
-	var (
-		mu       sync.Mutex
-		accepted = map[store.ID]bool{}
-		lastOK   time.Time
-		okEnds   []time.Time // when each success answered
-		failures int
-		firstErr time.Time // the first failure's start
-		lastErr  time.Time // the last failure's end
-		wrong    []error   // failures that are not ErrUnavailable
-		samples  []string  // the first failures, for the log
-	)
-	var stopped time.Time // set before the first failure that counts
+	mu       sync.Mutex
+	accepted map[store.ID]bool // acknowledged: accepted, or duplicate
+	dups     int               // new events answered duplicate
+	failures int
+	okEnds   []time.Time // when each success answered
+	errEnds  []time.Time // when each failure answered
+	samples  []string    // the first failures after mark, for the log
+	wrong    []error     // failures that are not ErrUnavailable
+	mark     time.Time   // when the fault began
+}
+
+func startFlow(t *testing.T, s *Store) *flow {
+	f := &flow{t: t, s: s, accepted: map[store.ID]bool{}}
 	ctx, cancel := context.WithCancel(ctxBG)
-	var wg sync.WaitGroup
-	defer func() { cancel(); wg.Wait() }()
-	// Two writers, so that a write stuck on the lost leader does not stop
-	// the flow.
+	f.cancel = cancel
 	var n atomic.Int32
 	for range 2 {
-		wg.Go(func() {
+		f.wg.Go(func() {
 			for ctx.Err() == nil {
 				e := ev(int(n.Add(1)), time.Now())
 				start := time.Now()
 				dup, err := s.Accept(ctxBG, e, []string{"t"}, dayKey(e))
 				end := time.Now()
-				mu.Lock()
-				switch {
-				case err != nil:
-					failures++
-					if firstErr.IsZero() {
-						firstErr = start
-					}
-					lastErr = end
-					if len(samples) < 3 {
-						samples = append(samples, fmt.Sprintf("after %s, for %s: %v", start.Sub(stopped).Round(time.Millisecond), end.Sub(start).Round(time.Millisecond), err))
+				f.mu.Lock()
+				if err != nil {
+					f.failures++
+					f.errEnds = append(f.errEnds, end)
+					if !f.mark.IsZero() && len(f.samples) < 3 {
+						f.samples = append(f.samples, fmt.Sprintf("began %s after the fault, took %s: %v", start.Sub(f.mark).Round(time.Millisecond), end.Sub(start).Round(time.Millisecond), err))
 					}
 					if !errors.Is(err, store.ErrUnavailable) {
-						wrong = append(wrong, err)
+						f.wrong = append(f.wrong, err)
 					}
-				case dup:
-					wrong = append(wrong, fmt.Errorf("new event %s reported duplicate", e.ID))
-				default:
-					accepted[e.ID] = true
-					lastOK = end
-					okEnds = append(okEnds, end)
+				} else {
+					// A duplicate for a new event: its publish went
+					// unanswered, was stored, and was made again. Stored
+					// all the same.
+					if dup {
+						f.dups++
+					}
+					f.accepted[e.ID] = true
+					f.okEnds = append(f.okEnds, end)
 				}
-				mu.Unlock()
+				f.mu.Unlock()
 				if err != nil {
 					// What a sender does after a 503, only sooner.
 					time.Sleep(50 * time.Millisecond)
@@ -375,79 +413,109 @@ func testClusterLeaderLoss(t *testing.T, c *natsCluster) {
 			}
 		})
 	}
-	count := func() (int, time.Time) {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(accepted), lastOK
-	}
-	waitFor := func(what string, within time.Duration, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(within)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out after %s waiting for %s", within, what)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	waitFor("events flowing", 20*time.Second, func() bool { k, _ := count(); return k >= 50 })
+	t.Cleanup(f.stop)
+	return f
+}
 
-	mu.Lock()
-	stopped = time.Now()
-	mu.Unlock()
-	c.stop(leader)
-	down := time.Since(stopped)
-	t.Cleanup(func() { c.start(leader) })
-	// Flowing again: accepts succeed for two seconds after the last
-	// failure, and for at least three after the node was gone.
-	waitFor("intake back after the leader's loss", 30*time.Second, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return lastOK.Sub(stopped) > 3*time.Second && lastOK.Sub(lastErr) > 2*time.Second
+func (f *flow) stop() {
+	f.cancel()
+	f.wg.Wait()
+}
+
+func (f *flow) waitFor(what string, within time.Duration, cond func() bool) {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		f.mu.Lock()
+		ok := cond()
+		f.mu.Unlock()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("timed out after %s waiting for %s", within, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// fault marks the start of a fault, once events flow.
+func (f *flow) fault() {
+	f.t.Helper()
+	f.waitFor("events flowing", 20*time.Second, func() bool { return len(f.accepted) >= 50 })
+	f.mu.Lock()
+	f.mark = time.Now()
+	f.mu.Unlock()
+}
+
+// lastOK and lastErr are the ends of the last success and failure; f.mu
+// is held.
+func (f *flow) lastOK() time.Time  { return last(f.okEnds) }
+func (f *flow) lastErr() time.Time { return last(f.errEnds) }
+
+func last(ts []time.Time) time.Time {
+	if len(ts) == 0 {
+		return time.Time{}
+	}
+	return ts[len(ts)-1]
+}
+
+// recovered waits until accepts have succeeded for two seconds after the
+// last failure and after since, then stops the flow.
+func (f *flow) recovered(since time.Time) {
+	f.t.Helper()
+	f.waitFor("intake back", 40*time.Second, func() bool {
+		ok := f.lastOK()
+		return ok.Sub(since) > 2*time.Second && ok.Sub(f.lastErr()) > 2*time.Second
 	})
-	cancel()
-	wg.Wait()
-	mu.Lock()
-	// failing: until the end of the last failure; dry: the longest time
-	// after the shutdown in which no Accept succeeded.
-	failing, dry := time.Duration(0), time.Duration(0)
-	if !lastErr.IsZero() && lastErr.After(stopped) {
-		failing = lastErr.Sub(stopped)
-	}
-	prev := stopped
-	for _, at := range okEnds {
-		if at.After(stopped) {
-			dry = max(dry, at.Sub(prev))
-			prev = at
+	f.stop()
+}
+
+// firstOKAfter is how long after at the first success answered, or -1.
+func (f *flow) firstOKAfter(at time.Time) time.Duration {
+	for _, ok := range f.okEnds {
+		if ok.After(at) {
+			return ok.Sub(at)
 		}
 	}
-	first := "none"
-	if !firstErr.IsZero() {
-		first = firstErr.Sub(stopped).Round(time.Millisecond).String()
-	}
-	t.Logf("node %d (stream leader) shut down in %s; %d events accepted, %d Accepts failed (the first began %s after the shutdown began, the last ended %s after it); longest time without a success after it: %s",
-		leader+1, down.Round(time.Millisecond), len(accepted), failures, first, failing.Round(time.Millisecond), dry.Round(time.Millisecond))
-	for _, s := range samples {
-		t.Logf("failed %s", s)
-	}
-	for _, err := range wrong {
-		t.Errorf("Accept: %v; want ErrUnavailable or accepted", err)
-	}
-	if failing > 10*time.Second || dry > 10*time.Second {
-		t.Errorf("intake failing until %s after the leader's loss, none succeeding for %s; want under 10s", failing, dry)
-	}
-	want := accepted
-	mu.Unlock()
+	return -1
+}
 
-	// Every acknowledged event is there to be taken.
-	q, err := s.Queue("t", store.QueueOptions{Lease: time.Minute})
+// dry is the longest time after at in which no accept succeeded.
+func (f *flow) dry(at time.Time) time.Duration {
+	d, prev := time.Duration(0), at
+	for _, ok := range f.okEnds {
+		if ok.After(at) {
+			d = max(d, ok.Sub(prev))
+			prev = ok
+		}
+	}
+	return d
+}
+
+// report logs the failures and checks that each was ErrUnavailable.
+func (f *flow) report() {
+	f.t.Helper()
+	for _, s := range f.samples {
+		f.t.Logf("failed: %s", s)
+	}
+	for _, err := range f.wrong {
+		f.t.Errorf("Accept: %v; want ErrUnavailable or accepted", err)
+	}
+}
+
+// wantAll takes every acknowledged event from the store's queue.
+func (f *flow) wantAll() {
+	t := f.t
+	t.Helper()
+	q, err := f.s.Queue("t", store.QueueOptions{Lease: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := map[store.ID]int{}
 	missing := func() int {
 		m := 0
-		for id := range want {
+		for id := range f.accepted {
 			if got[id] == 0 {
 				m++
 			}
@@ -471,8 +539,78 @@ func testClusterLeaderLoss(t *testing.T, c *natsCluster) {
 			twice++
 		}
 	}
-	t.Logf("taken: %d events (%d accepted, %d lost, %d taken twice)", len(got), len(want), missing(), twice)
+	t.Logf("taken: %d events (%d acknowledged, %d of them lost, %d taken twice)", len(got), len(f.accepted), missing(), twice)
 	if m := missing(); m > 0 {
-		t.Errorf("%d of %d acknowledged events lost", m, len(want))
+		t.Errorf("%d of %d acknowledged events lost", m, len(f.accepted))
 	}
+}
+
+// testClusterLeaderLoss: events flow into an instance while the node
+// leading the stream is shut down. No acknowledged event is lost, and
+// intake fails (with ErrUnavailable) at most while a new leader is
+// elected.
+func testClusterLeaderLoss(t *testing.T, c *natsCluster) {
+	cfg := clusterConfig(c, nil)
+	s := openClusterUp(t, cfg)
+	defer s.Close()
+	leader := c.streamLeader(t, cfg.Stream)
+	f := startFlow(t, s)
+	f.fault()
+	c.stop(leader)
+	down := time.Since(f.mark)
+	t.Cleanup(func() { c.start(leader) }) // whole again for the next test
+	// Accepts succeed for two seconds after the last failure, and for
+	// at least three after the node was gone.
+	f.recovered(f.mark.Add(time.Second))
+	// failing: until the end of the last failure; dry: the longest time
+	// after the shutdown in which no Accept succeeded.
+	failing := time.Duration(0)
+	if le := f.lastErr(); le.After(f.mark) {
+		failing = le.Sub(f.mark)
+	}
+	dry := f.dry(f.mark)
+	t.Logf("node %d (stream leader) shut down in %s; %d events acknowledged (%d new ones as duplicates), %d Accepts failed, the last ending %s after the shutdown began; longest time without a success: %s",
+		leader+1, down.Round(time.Millisecond), len(f.accepted), f.dups, f.failures, failing.Round(time.Millisecond), dry.Round(time.Millisecond))
+	f.report()
+	if failing > 10*time.Second || dry > 10*time.Second {
+		t.Errorf("intake failing until %s after the leader's loss, none succeeding for %s; want under 10s", failing, dry)
+	}
+	f.wantAll()
+}
+
+// testClusterRestart: the whole cluster stops (quorum lost, every node
+// down) and starts again from its files while events flow. No
+// acknowledged event is lost, intake answers ErrUnavailable meanwhile,
+// and succeeds again within 10 s of the cluster being back.
+func testClusterRestart(t *testing.T, c *natsCluster) {
+	cfg := clusterConfig(c, nil)
+	cfg.Logger = zaptest.NewLogger(t)
+	s := openClusterUp(t, cfg)
+	defer s.Close()
+	c.streamLeader(t, cfg.Stream)
+	f := startFlow(t, s)
+	f.fault()
+	// First the quorum goes, then the last node.
+	c.stop(0)
+	c.stop(1)
+	f.waitFor("intake failing without a quorum", 20*time.Second, func() bool { return f.lastErr().After(f.mark) })
+	c.stop(2)
+	for i := range 3 {
+		c.start(i)
+	}
+	started := time.Now()
+	// Back: each of the store's streams has a leader again, which a
+	// restarted raft group elects after its election timeout (4 to 9 s).
+	n := namesFor(cfg.Stream)
+	c.waitLeaders(t, n.stream, n.dead, "KV_"+n.keys, "KV_"+n.attempts, "KV_"+n.stat)
+	back := time.Now()
+	f.recovered(back)
+	d := f.firstOKAfter(started)
+	t.Logf("cluster stopped and started again: %d events acknowledged (%d new ones as duplicates), %d Accepts failed; every stream led again %s after the last node started, intake back %s after it",
+		len(f.accepted), f.dups, f.failures, back.Sub(started).Round(time.Millisecond), d.Round(time.Millisecond))
+	f.report()
+	if d-back.Sub(started) > 10*time.Second {
+		t.Errorf("intake back %s after the cluster's streams had leaders, want within 10s", d-back.Sub(started))
+	}
+	f.wantAll()
 }

@@ -539,7 +539,15 @@ func TestEnginesRemoveTarget(t *testing.T) {
 		return false
 	})
 	open.Store(true)
+	opened := time.Now()
 	waitFor(t, "gone's deliveries made by the other instance", 30*time.Second, func() bool { return len(gone.delivered()) == n })
+	// Within its retry delays, not a lease: nothing the instance without
+	// the target had fetched waits out its lease.
+	took := time.Since(opened)
+	t.Logf("gone's %d deliveries made %s after it answered again", n, took.Round(time.Millisecond))
+	if lease := targets[1].Timeout + 5*time.Second; took >= lease/2 {
+		t.Errorf("gone's deliveries made %s after it answered again, want well within a lease (%s)", took, lease)
+	}
 	late := 0
 	for _, r := range gone.requests() {
 		if r.instance == "a" && r.arrived.After(updated) {

@@ -72,7 +72,10 @@ func (s *Store) kvPut(ctx context.Context, bucket, key string, value []byte, ttl
 // no message yet", so that racing publishes store one. Of instances that
 // race with the same event, the one whose publish to the first target (by
 // name) stored it answers accepted, the others duplicate; each has made
-// sure that every delivery is stored before it answers.
+// sure that every delivery is stored before it answers. A publish that
+// goes unanswered is made again (see unanswered); if the first was
+// stored after all, the instance answers duplicate: never accepted for
+// an event it did not see stored.
 //
 // MaxPending is checked against the counts (see Counts), at most a second
 // old and bumped by this instance's own accepts in between: on a shared
@@ -178,7 +181,11 @@ func (s *Store) publishDelivery(ctx context.Context, ev *store.Event, tok, msgID
 func (s *Store) publish(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	var b inProcessBackoff
 	for {
-		ack, err := s.js.PublishMsg(ctx, m, opts...)
+		var ack *jetstream.PubAck
+		err := unanswered(ctx, func(ctx context.Context) (err error) {
+			ack, err = s.js.PublishMsg(ctx, m, opts...)
+			return err
+		})
 		if !inProcess(err) {
 			return ack, err
 		}
@@ -215,7 +222,10 @@ func (s *Store) recordKey(ctx context.Context, obj *objects, id store.ID, expiry
 	ttl := ttlFor(expiry, s.cfg.Now())
 	var b inProcessBackoff
 	for tries := 0; tries < 3; {
-		_, err := obj.keys.Create(ctx, key, encodeExpiry(expiry), jetstream.KeyTTL(ttl))
+		err := unanswered(ctx, func(ctx context.Context) error {
+			_, err := obj.keys.Create(ctx, key, encodeExpiry(expiry), jetstream.KeyTTL(ttl))
+			return err
+		})
 		if err == nil {
 			return true, nil
 		}
@@ -231,7 +241,11 @@ func (s *Store) recordKey(ctx context.Context, obj *objects, id store.ID, expiry
 		if !errors.Is(err, jetstream.ErrKeyExists) {
 			return false, unavailable("recording dedupe key", err)
 		}
-		e, err := obj.keys.Get(ctx, key)
+		var e jetstream.KeyValueEntry
+		err = unanswered(ctx, func(ctx context.Context) (err error) {
+			e, err = obj.keys.Get(ctx, key)
+			return err
+		})
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue // expired meanwhile
 		}
@@ -272,7 +286,11 @@ func (s *Store) stored(ctx context.Context, obj *objects, id store.ID, now time.
 	var errs [3]error
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		e, err := obj.keys.Get(ctx, id.String())
+		var e jetstream.KeyValueEntry
+		err := unanswered(ctx, func(ctx context.Context) (err error) {
+			e, err = obj.keys.Get(ctx, id.String())
+			return err
+		})
 		switch {
 		case err == nil:
 			found[0] = decodeExpiry(e.Value()).After(now)
@@ -285,7 +303,11 @@ func (s *Store) stored(ctx context.Context, obj *objects, id store.ID, now time.
 		{s.n.dead, s.n.dead + ".*." + id.String()},
 	} {
 		wg.Go(func() {
-			m, err := directFirst(ctx, s.nc, f.stream, f.filter)
+			var m *rawMsg
+			err := unanswered(ctx, func(ctx context.Context) (err error) {
+				m, err = directFirst(ctx, s.nc, f.stream, f.filter)
+				return err
+			})
 			found[i+1], errs[i+1] = m != nil, err
 		})
 	}

@@ -296,7 +296,7 @@ func eventMsg(subject string, e *store.StoredEvent) *nats.Msg {
 // it did.
 func (m *migration) publish(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (bool, error) {
 	opts = append(opts, jetstream.WithExpectLastSequencePerSubject(0))
-	ack, err := m.to.js.PublishMsg(ctx, msg, opts...)
+	ack, err := m.to.publish(ctx, msg, opts...) // retries a clustered stream's "still in process"
 	switch {
 	case isWrongLastSeq(err):
 		return false, nil

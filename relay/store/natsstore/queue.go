@@ -122,7 +122,12 @@ func (s *Store) Retire(ctx context.Context, target, reason string) (int, error) 
 }
 
 // shut stops the queue: Takes get ErrClosed, the fetch loop ends, and
-// what it fetched for nobody goes back to the server at once.
+// what it fetched for nobody goes back to the server at once. A pull
+// under way is left to end by itself (within fetchWait), and what it
+// still brings goes back too: cut short, the client would drop the
+// messages it had in hand unacknowledged, and they would wait out a lease
+// before another instance got them. Close cuts it short all the same, as
+// a crash would.
 func (q *queue) shut() {
 	q.mu.Lock()
 	if q.stopped {
@@ -134,7 +139,10 @@ func (q *queue) shut() {
 	q.ready = nil
 	close(q.avail)
 	q.mu.Unlock()
-	q.cancel()
+	select {
+	case q.demand <- struct{}{}: // an idle loop: end now
+	default:
+	}
 	for _, l := range left {
 		_ = l.m.Nak()
 	}
@@ -184,9 +192,12 @@ func (q *queue) Take(ctx context.Context) (store.Lease, error) {
 // want is how many messages the loop should pull now. It also sends back
 // leases fetched for a Take that gave up and left unclaimed for half the
 // lease, so that they do not lapse here.
-func (q *queue) want() (n int, idle bool) {
+func (q *queue) want() (n int, idle, stopped bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.stopped {
+		return 0, true, true
+	}
 	keep := q.ready[:0]
 	for _, l := range q.ready {
 		if time.Since(l.fetched) > q.lease/2 {
@@ -197,16 +208,20 @@ func (q *queue) want() (n int, idle bool) {
 	}
 	clear(q.ready[len(keep):])
 	q.ready = keep
-	return min(q.waiters-len(q.ready), fetchBatch), len(q.ready) == 0
+	return min(q.waiters-len(q.ready), fetchBatch), len(q.ready) == 0, false
 }
 
 func (q *queue) run() {
 	defer q.s.wg.Done()
 	defer close(q.done)
+	defer q.cancel()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for q.ctx.Err() == nil {
-		n, idle := q.want()
+		n, idle, stopped := q.want()
+		if stopped {
+			return
+		}
 		if n <= 0 {
 			var tc <-chan time.Time
 			if !idle {
@@ -221,6 +236,11 @@ func (q *queue) run() {
 		}
 		cons := q.consumer()
 		if cons == nil {
+			continue
+		}
+		// Getting the consumer may have waited (a store down, a
+		// retire): what is wanted now?
+		if n, _, stopped = q.want(); stopped || n <= 0 {
 			continue
 		}
 		q.fetch(cons, n)
@@ -251,7 +271,10 @@ func (q *queue) consumer() jetstream.Consumer {
 	}
 	ctx, cancel := s.bounded(q.ctx)
 	defer cancel()
-	c, err = obj.stream.CreateOrUpdateConsumer(ctx, s.consumerConfig(q.tok, lease))
+	err = unanswered(ctx, func(ctx context.Context) (err error) {
+		c, err = obj.stream.CreateOrUpdateConsumer(ctx, s.consumerConfig(q.tok, lease))
+		return err
+	})
 	if err != nil {
 		if q.ctx.Err() == nil {
 			q.mu.Lock()

@@ -73,7 +73,10 @@ func (s *Store) setup(ctx context.Context) (*objects, error) {
 	if !ok || major < 2 || major == 2 && minor < 11 {
 		return nil, fmt.Errorf("nats server %s is too old: per-key TTLs need 2.11 or later", v)
 	}
-	if _, err := s.js.AccountInfo(ctx); err != nil {
+	if err := unanswered(ctx, func(ctx context.Context) error {
+		_, err := s.js.AccountInfo(ctx)
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("jetstream on %s: %w", s.nc.ConnectedUrlRedacted(), err)
 	}
 	// Five objects, each a few requests and file creations: at once.
@@ -88,7 +91,10 @@ func (s *Store) setup(ctx context.Context) (*objects, error) {
 	})
 	wg.Go(func() {
 		if obj.keyStates, errs[4] = s.ensureBucket(ctx, s.bucketConfig(s.n.stat, "key states")); errs[4] == nil {
-			obj.stateStream, errs[4] = s.js.Stream(ctx, "KV_"+s.n.stat)
+			errs[4] = unanswered(ctx, func(ctx context.Context) (err error) {
+				obj.stateStream, err = s.js.Stream(ctx, "KV_"+s.n.stat)
+				return err
+			})
 		}
 	})
 	wg.Wait()
@@ -100,12 +106,20 @@ func (s *Store) setup(ctx context.Context) (*objects, error) {
 }
 
 func (s *Store) ensureStream(ctx context.Context, want jetstream.StreamConfig) (jetstream.Stream, error) {
-	st, err := s.js.Stream(ctx, want.Name)
+	var st jetstream.Stream
+	get := func(ctx context.Context) (err error) {
+		st, err = s.js.Stream(ctx, want.Name)
+		return err
+	}
+	err := unanswered(ctx, get)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		st, err = s.js.CreateStream(ctx, want)
+		err = unanswered(ctx, func(ctx context.Context) (err error) {
+			st, err = s.js.CreateStream(ctx, want)
+			return err
+		})
 		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 			// Another instance created it meanwhile, maybe otherwise.
-			st, err = s.js.Stream(ctx, want.Name)
+			err = unanswered(ctx, get)
 		}
 		if err == nil {
 			s.log.Info("created nats stream " + want.Name)
@@ -152,11 +166,19 @@ func sorted(ss []string) []string {
 }
 
 func (s *Store) ensureBucket(ctx context.Context, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
-	kv, err := s.js.KeyValue(ctx, want.Bucket)
+	var kv jetstream.KeyValue
+	get := func(ctx context.Context) (err error) {
+		kv, err = s.js.KeyValue(ctx, want.Bucket)
+		return err
+	}
+	err := unanswered(ctx, get)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		kv, err = s.js.CreateKeyValue(ctx, want)
+		err = unanswered(ctx, func(ctx context.Context) (err error) {
+			kv, err = s.js.CreateKeyValue(ctx, want)
+			return err
+		})
 		if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			kv, err = s.js.KeyValue(ctx, want.Bucket)
+			err = unanswered(ctx, get)
 		}
 		if err == nil {
 			s.log.Info("created nats key-value bucket " + want.Bucket)
@@ -165,7 +187,11 @@ func (s *Store) ensureBucket(ctx context.Context, want jetstream.KeyValueConfig)
 	if err != nil {
 		return nil, fmt.Errorf("key-value bucket %s: %w", want.Bucket, err)
 	}
-	st, err := kv.Status(ctx)
+	var st jetstream.KeyValueStatus
+	err = unanswered(ctx, func(ctx context.Context) (err error) {
+		st, err = kv.Status(ctx)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("key-value bucket %s: %w", want.Bucket, err)
 	}

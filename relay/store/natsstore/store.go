@@ -59,9 +59,10 @@ type objects struct {
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 
 // Open connects to cfg's NATS and returns the store. It fails only on a
-// config it cannot use: an unreachable server gives a store that is down
-// (Up says why, writes fail with store.ErrUnavailable) and comes up by
-// itself once the server answers and the stream checks out.
+// config it cannot use: a server that is unreachable, or refuses the
+// credentials or the certificate, gives a store that is down (Up says
+// why, writes fail with store.ErrUnavailable) and comes up by itself once
+// the server takes the connection and the stream checks out.
 func Open(cfg Config) (*Store, error) {
 	if len(cfg.URLs) == 0 {
 		return nil, errors.New("nats store needs at least one server URL")
@@ -226,7 +227,8 @@ func (s *Store) poke() {
 
 // supervise sets the stream up on every (re)connect and, while the store
 // is connected but down (a stream that does not match, JetStream not
-// ready), tries again every few seconds.
+// ready), tries again every second or three; while it is not connected,
+// it follows the client's reconnect errors.
 func (s *Store) supervise() {
 	defer s.wg.Done()
 	retry := time.NewTimer(time.Hour)
@@ -251,6 +253,7 @@ func (s *Store) supervise() {
 			retry.Reset(time.Second)
 			continue
 		}
+		began := time.Now()
 		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout+s.cfg.Timeout)
 		obj, err := s.setup(ctx)
 		cancel()
@@ -259,7 +262,16 @@ func (s *Store) supervise() {
 		}
 		if err != nil {
 			s.setDown(err)
-			retry.Reset(3 * time.Second)
+			// A stream that does not match waits for an operator;
+			// anything else (leaders being elected, JetStream starting)
+			// passes soon, and intake is to answer again within
+			// seconds: a setup a second, and at once after one that
+			// waited its budget out.
+			wait := max(time.Second-time.Since(began), 10*time.Millisecond)
+			if errors.Is(err, errMismatch) {
+				wait = 3 * time.Second
+			}
+			retry.Reset(wait)
 		} else {
 			s.setUp(obj)
 		}

@@ -190,6 +190,29 @@ func inProcess(err error) bool {
 			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
+// askWait bounds one request on the intake path and in setup. A request
+// that reached a server as it went away (the node of a stream's leader
+// shutting down), or that came while a cluster had no leader for it yet
+// (starting, electing), is never answered: waiting for it would spend the
+// whole budget, where the same request a moment later is answered.
+const askWait = time.Second
+
+// unanswered runs op with at most askWait of ctx's time, and again while
+// that is not enough and ctx has time left. Only for requests that can be
+// repeated: a publish with its message id and expected last sequence, a
+// key created only if absent, a stream or consumer created or updated to
+// one config, a read.
+func unanswered(ctx context.Context, op func(ctx context.Context) error) error {
+	for {
+		actx, cancel := context.WithTimeout(ctx, askWait)
+		err := op(actx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) {
+			return err
+		}
+	}
+}
+
 // unavailable marks err as the server's, not the caller's: intake answers
 // 503 and the sender retries.
 func unavailable(what string, err error) error {
