@@ -21,8 +21,86 @@ const (
 	// exactly, by listing every pending subject; above it, it is the
 	// number of deliveries pending (an upper bound: an event owed to two
 	// targets counts twice).
-	exactLimit = 10000
+	exactLimit = 1000
+	// limitTTL is how long Accept checks max_pending against one reading
+	// of the stream's message count, plus this instance's accepts since.
+	limitTTL = 250 * time.Millisecond
 )
+
+// limitCache is what Accept checks max_pending against: one number per
+// limitTTL, the cheapest the server gives (the stream's message count,
+// or the distinct events while few are pending), so that intake under a
+// burst does not list subjects or consumers.
+type limitCache struct {
+	mu         sync.Mutex
+	at         time.Time
+	n          int
+	ok         bool
+	refreshing bool
+}
+
+// bump counts an event this instance just accepted, until the next
+// reading.
+func (lc *limitCache) bump() {
+	lc.mu.Lock()
+	lc.n++
+	lc.mu.Unlock()
+}
+
+// pendingForLimit returns the relay's pending events as max_pending
+// counts them: exact while at most exactLimit deliveries are pending,
+// else the pending deliveries (an upper bound: an event owed to two
+// targets counts twice, so a relay refuses a little early rather than
+// late).
+func (s *Store) pendingForLimit(ctx context.Context, obj *objects) (int, error) {
+	lc := &s.limit
+	lc.mu.Lock()
+	if lc.ok && (time.Since(lc.at) < limitTTL || lc.refreshing) {
+		n := lc.n
+		lc.mu.Unlock()
+		return n, nil
+	}
+	lc.refreshing = true
+	lc.mu.Unlock()
+	n, err := s.fetchPending(ctx, obj)
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	lc.refreshing = false
+	if err != nil {
+		return 0, unavailable("counting", err)
+	}
+	lc.n, lc.at, lc.ok = n, time.Now(), true
+	return n, nil
+}
+
+// fetchPending reads the pending events from the server (see
+// pendingForLimit).
+func (s *Store) fetchPending(ctx context.Context, obj *objects) (int, error) {
+	info, err := obj.stream.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n := info.State.Msgs
+	if n == 0 || n > exactLimit {
+		return int(n), nil
+	}
+	info, err = obj.stream.Info(ctx, jetstream.WithSubjectFilter(s.n.stream+".d.>"))
+	if err != nil {
+		return 0, err
+	}
+	return distinctEvents(info.State.Subjects), nil
+}
+
+// distinctEvents counts the events among pending subjects.
+func distinctEvents(subjects map[string]uint64) int {
+	events := map[store.ID]bool{}
+	for subj := range subjects {
+		if _, id, err := splitSubject(subj); err == nil {
+			events[id] = true
+		}
+	}
+	return len(events)
+}
 
 type countCache struct {
 	mu         sync.Mutex
@@ -134,14 +212,10 @@ func (s *Store) fetchCounts(ctx context.Context, obj *objects) (store.Counts, er
 		if err != nil {
 			return store.Counts{}, err
 		}
-		events := map[store.ID]bool{}
 		for subj := range info.State.Subjects {
-			if _, id, err := splitSubject(subj); err == nil {
-				events[id] = true
-				toks[subjectToken(subj)] = true
-			}
+			toks[subjectToken(subj)] = true
 		}
-		c.PendingEvents = len(events)
+		c.PendingEvents = distinctEvents(info.State.Subjects)
 	}
 	if dinfo, err := obj.dead.Info(ctx); err != nil {
 		return store.Counts{}, err

@@ -77,9 +77,9 @@ func (s *Store) kvPut(ctx context.Context, bucket, key string, value []byte, ttl
 // stored after all, the instance answers duplicate: never accepted for
 // an event it did not see stored.
 //
-// MaxPending is checked against the counts (see Counts), at most a second
-// old and bumped by this instance's own accepts in between: on a shared
-// store it is approximate.
+// MaxPending is checked against the stream's count (see pendingForLimit),
+// at most limitTTL old and bumped by this instance's own accepts in
+// between: on a shared store it is approximate.
 func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, opts store.AcceptOptions) (bool, error) {
 	obj, err := s.ready()
 	if err != nil {
@@ -98,11 +98,11 @@ func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, o
 		return !created, err
 	}
 	if opts.MaxPending > 0 {
-		c, err := s.cachedCounts(ctx, obj)
+		n, err := s.pendingForLimit(ctx, obj)
 		if err != nil {
 			return false, err
 		}
-		if c.PendingEvents >= opts.MaxPending {
+		if n >= opts.MaxPending {
 			return false, store.ErrFull
 		}
 	}
@@ -140,6 +140,7 @@ func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, o
 	dup := !stored[0]
 	if !dup {
 		s.counts.bump()
+		s.limit.bump()
 	}
 	return dup, nil
 }

@@ -46,6 +46,7 @@ type Store struct {
 	queues map[string]*queue
 
 	counts countCache
+	limit  limitCache
 }
 
 // objects are the handles of the stream and buckets on one connection.
