@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -186,31 +185,14 @@ func (n *natsServer) stop() {
 	_ = n.log.Close()
 }
 
-func (n *natsServer) logTail(k int) string {
-	b, err := os.ReadFile(n.logPath)
-	if err != nil {
-		return ""
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > k {
-		lines = lines[len(lines)-k:]
-	}
-	return strings.Join(lines, "\n")
-}
+func (n *natsServer) logTail(k int) string { return fileTail(n.logPath, k) }
 
 // logProblems counts nats-server's warning and error lines
 // ("[pid] date time [WRN] message"), by message.
 func (n *natsServer) logProblems() map[string]int {
 	out := map[string]int{}
-	f, err := os.Open(n.logPath)
-	if err != nil {
-		return out
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
+	eachLine(n.logPath, func(b []byte) {
+		line := string(b)
 		for _, lvl := range []string{"[WRN] ", "[ERR] ", "[FTL] "} {
 			// A failed health check is startNATS polling /healthz
 			// before the server is ready, not a problem of the run.
@@ -218,6 +200,6 @@ func (n *natsServer) logProblems() map[string]int {
 				out[strings.Trim(lvl, "[] ")+": "+msg]++
 			}
 		}
-	}
+	})
 	return out
 }

@@ -298,8 +298,11 @@ func (s *server) stop() time.Duration {
 }
 
 // logTail returns the last n lines Caddy wrote.
-func (s *server) logTail(n int) string {
-	b, err := os.ReadFile(s.logPath)
+func (s *server) logTail(n int) string { return fileTail(s.logPath, n) }
+
+// fileTail returns the last n lines of the file at path.
+func fileTail(path string, n int) string {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return ""
 	}
@@ -310,29 +313,37 @@ func (s *server) logTail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// logProblems counts log lines at warn level or worse, by message.
-func (s *server) logProblems() map[string]int {
-	out := map[string]int{}
-	f, err := os.Open(s.logPath)
+// eachLine calls fn with every line of the file at path (none if it
+// cannot be read).
+func eachLine(path string, fn func(line []byte)) {
+	f, err := os.Open(path)
 	if err != nil {
-		return out
+		return
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
+		fn(sc.Bytes())
+	}
+}
+
+// logProblems counts log lines at warn level or worse, by message.
+func (s *server) logProblems() map[string]int {
+	out := map[string]int{}
+	eachLine(s.logPath, func(line []byte) {
 		var l struct {
 			Level string `json:"level"`
 			Msg   string `json:"msg"`
 		}
-		if json.Unmarshal(sc.Bytes(), &l) != nil {
-			continue
+		if json.Unmarshal(line, &l) != nil {
+			return
 		}
 		switch l.Level {
 		case "warn", "error", "panic", "fatal":
 			out[l.Level+": "+l.Msg]++
 		}
-	}
+	})
 	return out
 }
 
