@@ -79,6 +79,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			res, err = e.Receive(r.Context(), body, r.Header.Get("Content-Type"))
 		}
 	}
+	if errors.Is(err, relay.ErrTooLarge) {
+		// The store can never hold it (a NATS server's max_payload under
+		// max_body): a 503 would be retried for ever.
+		reply(w, http.StatusRequestEntityTooLarge, "body too large for the relay's store\n")
+		e.Observe(relay.ResultTooLarge, time.Since(start))
+		if ce := h.logger.Check(zap.WarnLevel, "event refused: too large for the store"); ce != nil {
+			ce.Write(zap.String("relay", cfg.Name), zap.Error(err))
+		}
+		return nil
+	}
 	if err != nil {
 		w.Header().Set("Retry-After", strconv.Itoa(int((cfg.RetryAfter+time.Second-1)/time.Second)))
 		reply(w, http.StatusServiceUnavailable, "relay unavailable, retry later\n")

@@ -331,8 +331,9 @@ type Result struct {
 
 // Receive dedupes and durably stores one event; when it returns without
 // error the event may be acked. Errors are ErrUnavailable or ErrFull
-// (answer 503: the sender keeps the event and retries). ctx bounds the
-// wait for a shared store.
+// (answer 503: the sender keeps the event and retries), or ErrTooLarge
+// (answer 413: the store can never hold it). ctx bounds the wait for a
+// shared store.
 func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (Result, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -368,6 +369,9 @@ func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (
 			}
 		}
 		return res, ErrFull
+	}
+	if errors.Is(err, store.ErrTooLarge) {
+		return res, fmt.Errorf("%w: %v", ErrTooLarge, err)
 	}
 	if err != nil {
 		return res, fmt.Errorf("%w: %v", ErrUnavailable, err)

@@ -158,17 +158,34 @@ func TestOpenStoreError(t *testing.T) {
 	}
 }
 
-// flakyStore fails the next n Accepts.
+// flakyStore fails the next n Accepts, with err (a full disk when nil).
 type flakyStore struct {
 	store.Store
 	fail atomic.Int32
+	err  error
 }
 
 func (s *flakyStore) Accept(ctx context.Context, ev *store.Event, targets []string, opts store.AcceptOptions) (bool, error) {
 	if s.fail.Add(-1) >= 0 {
+		if s.err != nil {
+			return false, s.err
+		}
 		return false, errors.New("write failed: no space left on device")
 	}
 	return s.Store.Accept(ctx, ev, targets, opts)
+}
+
+// TestReceiveTooLargeForStore: an event the store can never hold is
+// ErrTooLarge (answered 413), not ErrUnavailable (503, retried for ever).
+func TestReceiveTooLargeForStore(t *testing.T) {
+	fs := &flakyStore{Store: store.NewMemory(store.MemoryOptions{}), err: fmt.Errorf("%w: over max_payload", store.ErrTooLarge)}
+	fs.fail.Store(1)
+	e := openEngine(t, Config{Targets: []TargetConfig{fastTarget("t", "http://127.0.0.1:1/")}},
+		Options{OpenStore: func() (store.Store, error) { return fs, nil }})
+	_, err := e.Receive(t.Context(), []byte(v3Body("big")), "application/json")
+	if !errors.Is(err, ErrTooLarge) || errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "max_payload") {
+		t.Fatalf("Receive of an event too large for the store: %v, want ErrTooLarge with the cause", err)
+	}
 }
 
 // TestReceiveStoreFailureMarksNoKey: a failed durable write answers

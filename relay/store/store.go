@@ -47,6 +47,9 @@ var (
 	// ErrConflict is returned by SetState when the record's revision is
 	// not the one given.
 	ErrConflict = errors.New("revision conflict")
+	// ErrTooLarge is returned by Accept for an event the store can never
+	// hold (a body over a NATS server's max_payload): retrying cannot help.
+	ErrTooLarge = errors.New("event too large for the store")
 	// ErrUnavailable wraps the errors of a store that cannot take writes
 	// now but may later (a shared store that lost its server).
 	ErrUnavailable = errors.New("store unavailable")

@@ -631,3 +631,25 @@ func TestTargetNames(t *testing.T) {
 		}
 	}
 }
+
+// TestAcceptTooLarge: an event whose message cannot fit in the server's
+// max_payload is refused with store.ErrTooLarge (the sender's retries could
+// never store it), nothing is written, and a smaller one is stored.
+func TestAcceptTooLarge(t *testing.T) {
+	ns := startNATSWith(t, func(o *server.Options) { o.MaxPayload = 8 << 10 })
+	s := openUp(t, testConfig(ns.url(), nil))
+	t.Cleanup(func() { s.Close() })
+	now := time.Now()
+	big := &store.Event{ID: store.ID{1}, ReceivedAt: now, ContentType: "application/json", Body: make([]byte, 8<<10)}
+	opts := store.AcceptOptions{KeyExpiry: now.Add(time.Hour)}
+	if _, err := s.Accept(t.Context(), big, []string{"crm"}, opts); !errors.Is(err, store.ErrTooLarge) || !strings.Contains(err.Error(), "max_payload") {
+		t.Fatalf("Accept of a body over max_payload: %v, want ErrTooLarge naming max_payload", err)
+	}
+	if seen, err := s.Seen(t.Context(), big.ID, now); err != nil || seen {
+		t.Errorf("Seen after the refusal = %v, %v; want false: nothing written", seen, err)
+	}
+	small := &store.Event{ID: store.ID{2}, ReceivedAt: now, ContentType: "application/json", Body: make([]byte, 4<<10)}
+	if dup, err := s.Accept(t.Context(), small, []string{"crm"}, opts); err != nil || dup {
+		t.Fatalf("Accept of a body under max_payload = %v, %v", dup, err)
+	}
+}
