@@ -577,3 +577,37 @@ func (g flow) send(ctx context.Context, c *client, l *ledger, tl *timeline, ev e
 		pause = min(2*pause, 250*time.Millisecond)
 	}
 }
+
+// TestNATSBodyOverMaxPayload: NATS's default max_payload and the relay's
+// default max_body are both 1 MiB, but the payload holds the message's
+// headers too: a body just under max_body can never be stored. It gets
+// 413, not a 503 the sender would retry for ever, and nothing reaches the
+// target; a normal event still goes through.
+func TestNATSBodyOverMaxPayload(t *testing.T) {
+	nats := startNATS(t)
+	crm := newTarget(t, "crm", modeOK)
+	p := freePorts(t)
+	caddy := startCaddy(t, p, caddyfile(p, t.TempDir(), natsRelay("natsbig", "FAULTTEST_NATSBIG", nats, crm.name, crm.url, "")))
+	waitStoreUp(t, caddy, "natsbig", 1, 20*time.Second)
+	c := newClient(t, p, 6*time.Second)
+	const size = 1<<20 - 40 // within max_body; over max_payload with the headers
+	big := newEvent("big-1", false, 1)
+	big = newEvent("big-1", false, 1+size-len(big.body))
+	if len(big.body) != size {
+		t.Fatalf("test body is %d bytes, want %d", len(big.body), size)
+	}
+	if a := c.post(big.body); a.status != http.StatusRequestEntityTooLarge {
+		t.Fatalf("event over max_payload: %s, want 413", a)
+	}
+	small := newEvent("small-1", false, 0)
+	a := c.post(small.body)
+	if a.status != http.StatusOK || a.result != "accepted" {
+		t.Fatalf("normal event after it: %s, want 200 accepted", a)
+	}
+	if missing := crm.waitDelivered([]string{a.eventID}, 10*time.Second); len(missing) > 0 {
+		t.Fatalf("normal event not delivered: %v", missing)
+	}
+	if n := crm.tally().keys; n != 1 {
+		t.Errorf("target saw %d events, want only the normal one", n)
+	}
+}

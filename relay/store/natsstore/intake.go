@@ -106,10 +106,6 @@ func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, o
 			return false, store.ErrFull
 		}
 	}
-	if s.tooLarge(ev) {
-		return false, fmt.Errorf("%w: a %d-byte body over the NATS server's max_payload of %d bytes (raise max_payload in its config, or lower max_body)",
-			store.ErrTooLarge, len(ev.Body), s.nc.MaxPayload())
-	}
 	targets = slices.Clone(targets)
 	slices.Sort(targets)
 	targets = slices.Compact(targets)
@@ -134,6 +130,12 @@ func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, o
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
+		if errors.Is(err, nats.ErrMaxPayload) {
+			// The server would refuse it on every try, and a 503 would
+			// have the sender retry it for ever.
+			return false, fmt.Errorf("%w: a %d-byte body with its headers is over the NATS server's max_payload of %d bytes (raise max_payload in its config, or lower max_body)",
+				store.ErrTooLarge, len(ev.Body), s.nc.MaxPayload())
+		}
 		return false, unavailable("storing event", err)
 	}
 	if !opts.KeyExpiry.IsZero() {
@@ -330,17 +332,4 @@ func (s *Store) ExpireKeys(ctx context.Context, now time.Time) (int, error) {
 		return 0, err
 	}
 	return 0, nil
-}
-
-// headerRoom is what a delivery message's headers and subject take beside
-// its body, rounded up: the relay's own headers, a message id and
-// JetStream's expectations.
-const headerRoom = 1024
-
-// tooLarge reports whether ev's delivery message cannot fit in the
-// server's max_payload: the server would refuse it on every try, and a
-// 503 would have the sender retry it for ever.
-func (s *Store) tooLarge(ev *store.Event) bool {
-	max := s.nc.MaxPayload()
-	return max > 0 && int64(len(ev.Body)+len(ev.ContentType)+headerRoom) > max
 }

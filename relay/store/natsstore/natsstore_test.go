@@ -640,7 +640,8 @@ func TestAcceptTooLarge(t *testing.T) {
 	s := openUp(t, testConfig(ns.url(), nil))
 	t.Cleanup(func() { s.Close() })
 	now := time.Now()
-	big := &store.Event{ID: store.ID{1}, ReceivedAt: now, ContentType: "application/json", Body: make([]byte, 8<<10)}
+	// Within the payload by itself, over it with the message's headers.
+	big := &store.Event{ID: store.ID{1}, ReceivedAt: now, ContentType: "application/json", Body: make([]byte, 8<<10-20)}
 	opts := store.AcceptOptions{KeyExpiry: now.Add(time.Hour)}
 	if _, err := s.Accept(t.Context(), big, []string{"crm"}, opts); !errors.Is(err, store.ErrTooLarge) || !strings.Contains(err.Error(), "max_payload") {
 		t.Fatalf("Accept of a body over max_payload: %v, want ErrTooLarge naming max_payload", err)
