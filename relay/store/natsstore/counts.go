@@ -27,49 +27,18 @@ const (
 	limitTTL = 250 * time.Millisecond
 )
 
-// limitCache is what Accept checks max_pending against: one number per
-// limitTTL, the cheapest the server gives (the stream's message count,
-// or the distinct events while few are pending), so that intake under a
-// burst does not list subjects or consumers.
-type limitCache struct {
-	mu         sync.Mutex
-	at         time.Time
-	n          int
-	ok         bool
-	refreshing bool
-}
-
-// bump counts an event this instance just accepted, until the next
-// reading.
-func (lc *limitCache) bump() {
-	lc.mu.Lock()
-	lc.n++
-	lc.mu.Unlock()
-}
-
 // pendingForLimit returns the relay's pending events as max_pending
-// counts them: exact while at most exactLimit deliveries are pending,
-// else the pending deliveries (an upper bound: an event owed to two
-// targets counts twice, so a relay refuses a little early rather than
-// late).
+// counts them, read at most once per limitTTL, the cheapest reading the
+// server gives (so that intake under a burst lists no subjects or
+// consumers): exact while at most exactLimit deliveries are pending, else
+// the pending deliveries (an upper bound: an event owed to two targets
+// counts twice, so a relay refuses a little early rather than late). The
+// events this instance accepted since the reading are added.
 func (s *Store) pendingForLimit(ctx context.Context, obj *objects) (int, error) {
-	lc := &s.limit
-	lc.mu.Lock()
-	if lc.ok && (time.Since(lc.at) < limitTTL || lc.refreshing) {
-		n := lc.n
-		lc.mu.Unlock()
-		return n, nil
-	}
-	lc.refreshing = true
-	lc.mu.Unlock()
-	n, err := s.fetchPending(ctx, obj)
-	lc.mu.Lock()
-	defer lc.mu.Unlock()
-	lc.refreshing = false
+	n, err := s.limit.get(limitTTL, limitTTL, func() (int, error) { return s.fetchPending(ctx, obj) }, nil)
 	if err != nil {
 		return 0, unavailable("counting", err)
 	}
-	lc.n, lc.at, lc.ok = n, time.Now(), true
 	return n, nil
 }
 
@@ -102,37 +71,70 @@ func distinctEvents(subjects map[string]uint64) int {
 	return len(events)
 }
 
-type countCache struct {
+// reading is a value read from the server and served from memory for a
+// while: one caller reads it again at a time, the others get the last
+// reading meanwhile. Local changes (an accept) move it until the next
+// reading, and make it be read again sooner (dirtyTTL), so that an
+// instance sees its own writes.
+type reading[T any] struct {
 	mu         sync.Mutex
 	at         time.Time
-	c          store.Counts
+	v          T
 	ok         bool
-	dirty      bool // this instance wrote since the counts were fetched
+	dirty      bool // this instance wrote since the last reading
 	refreshing bool
 }
 
-// bump counts an event this instance just accepted, until the next
-// refresh brings the server's count.
-func (cc *countCache) bump() {
-	cc.mu.Lock()
-	if cc.ok {
-		cc.c.PendingEvents++
+// get returns the value, reading it with fetch when it is older than ttl
+// (dirtyTTL after a local change); copyOf, if set, copies a value that
+// callers must not share.
+func (r *reading[T]) get(ttl, dirtyTTL time.Duration, fetch func() (T, error), copyOf func(T) T) (T, error) {
+	if copyOf == nil {
+		copyOf = func(v T) T { return v }
 	}
-	cc.dirty = true
-	cc.mu.Unlock()
+	r.mu.Lock()
+	if r.dirty {
+		ttl = dirtyTTL
+	}
+	if r.ok && (time.Since(r.at) < ttl || r.refreshing) {
+		v := copyOf(r.v)
+		r.mu.Unlock()
+		return v, nil
+	}
+	r.refreshing, r.dirty = true, false
+	r.mu.Unlock()
+	v, err := fetch()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.refreshing = false
+	if err != nil {
+		r.dirty = true
+		var zero T
+		return zero, err
+	}
+	r.v, r.at, r.ok = v, time.Now(), true
+	return copyOf(v), nil
 }
 
-// touch says this instance changed the counts.
-func (cc *countCache) touch() {
-	cc.mu.Lock()
-	cc.dirty = true
-	cc.mu.Unlock()
+// change applies a local change to the last reading (if any) until the
+// next one.
+func (r *reading[T]) change(fn func(v *T)) {
+	r.mu.Lock()
+	if r.ok {
+		fn(&r.v)
+	}
+	r.dirty = true
+	r.mu.Unlock()
 }
 
-func (cc *countCache) invalidate() {
-	cc.mu.Lock()
-	cc.ok = false
-	cc.mu.Unlock()
+// touch says this instance changed what the value counts.
+func (r *reading[T]) touch() { r.change(func(*T) {}) }
+
+// invalidate makes the next get read afresh.
+func (r *reading[T]) invalidate() {
+	r.mu.Lock()
+	r.ok = false
+	r.mu.Unlock()
 }
 
 // Counts implements store.Store: the relay's counts, from the server, at
@@ -152,29 +154,11 @@ func (s *Store) Counts(ctx context.Context) (store.Counts, error) {
 }
 
 func (s *Store) cachedCounts(ctx context.Context, obj *objects) (store.Counts, error) {
-	cc := &s.counts
-	cc.mu.Lock()
-	ttl := countsTTL
-	if cc.dirty {
-		ttl = countsDirtyTTL
-	}
-	if cc.ok && (time.Since(cc.at) < ttl || cc.refreshing) {
-		c := copyCounts(cc.c)
-		cc.mu.Unlock()
-		return c, nil
-	}
-	cc.refreshing, cc.dirty = true, false
-	cc.mu.Unlock()
-	c, err := s.fetchCounts(ctx, obj)
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	cc.refreshing = false
+	c, err := s.counts.get(countsTTL, countsDirtyTTL, func() (store.Counts, error) { return s.fetchCounts(ctx, obj) }, copyCounts)
 	if err != nil {
-		cc.dirty = true
 		return store.Counts{}, unavailable("counting", err)
 	}
-	cc.c, cc.at, cc.ok = c, time.Now(), true
-	return copyCounts(c), nil
+	return c, nil
 }
 
 func copyCounts(c store.Counts) store.Counts {

@@ -145,8 +145,8 @@ func (s *Store) Accept(ctx context.Context, ev *store.Event, targets []string, o
 	}
 	dup := !stored[0]
 	if !dup {
-		s.counts.bump()
-		s.limit.bump()
+		s.counts.change(func(c *store.Counts) { c.PendingEvents++ })
+		s.limit.change(func(n *int) { *n++ })
 	}
 	return dup, nil
 }

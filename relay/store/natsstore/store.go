@@ -45,8 +45,8 @@ type Store struct {
 	obj    *objects
 	queues map[string]*queue
 
-	counts countCache
-	limit  limitCache
+	counts reading[store.Counts] // the gauges' counts
+	limit  reading[int]          // pending events, for max_pending
 }
 
 // objects are the handles of the stream and buckets on one connection.
