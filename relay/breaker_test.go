@@ -228,3 +228,40 @@ func TestBreakerSharedAcrossInstances(t *testing.T) {
 		return e1.PendingEvents() == 0 && !targetStats(e1, "t").Held && !targetStats(e2, "t").Held
 	})
 }
+
+// TestBreakerProbeWithoutDeliveryLetsGo: a probe that got no delivery
+// (its worker was told to look at its settings again by a reload while it
+// waited for one) takes its claim off the shared record, so that the next
+// probe goes at once instead of waiting out the claim (the attempt's
+// timeout and a second).
+func TestBreakerProbeWithoutDeliveryLetsGo(t *testing.T) {
+	tc := fastTarget("t", "http://127.0.0.1:1/")
+	tc.Concurrency = 1
+	cfg := Config{Targets: []TargetConfig{tc}}
+	e := openEngine(t, cfg, Options{OpenStore: memStore()})
+	e.mu.RLock()
+	tg := e.targets["t"]
+	e.mu.RUnlock()
+	tg.brk.mu.Lock()
+	tg.brk.held = true
+	tg.brk.mu.Unlock()
+	// The worker already waits in Take: make it pass the breaker again.
+	if err := e.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	claim := func() int64 {
+		rec, _, err := e.readBreaker(t.Context(), "t", e.now())
+		if err != nil || !rec.Held {
+			return 0
+		}
+		return rec.ProbeUntil
+	}
+	waitFor(t, "the probe's claim on the shared record", 5*time.Second, func() bool { return claim() > e.now().UnixNano() })
+	first := claim()
+	if err := e.Update(cfg); err != nil { // the worker waiting in Take looks again
+		t.Fatal(err)
+	}
+	// The claim lasts tc.Timeout+1s = 6 s: a new one within 2 s means the
+	// first was let go.
+	waitFor(t, "the next probe's claim", 2*time.Second, func() bool { c := claim(); return c != 0 && c != first })
+}

@@ -98,6 +98,24 @@ func (e *Engine) claimProbe(t *target, tc *TargetConfig) bool {
 	return ok
 }
 
+// leaveBreaker ends a worker's turn at t's breaker. A probe that asked
+// nothing (its delivery expired, or no delivery came before the worker
+// was told to look at its settings) lets the next one go at once, here or
+// at another instance: the shared record first, since a worker let go
+// before it is written would find this probe still out there.
+func (e *Engine) leaveBreaker(t *target, probe, asked bool) {
+	if probe && !asked {
+		e.shareBreaker(t, func(rec *breakerRecord, now int64) bool {
+			if !rec.Held {
+				return false
+			}
+			rec.ProbeUntil, rec.HoldUntil = 0, min(rec.HoldUntil, now)
+			return true
+		})
+	}
+	t.brk.leave(probe, asked, e.now().UnixNano())
+}
+
 // syncBreakers reads every target's shared breaker record once a
 // breakerSync and adopts what other instances wrote.
 func (e *Engine) syncBreakers() {

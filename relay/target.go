@@ -160,7 +160,7 @@ func (e *Engine) work(t *target) {
 		}
 		lease, err := t.q.Take(look)
 		if err != nil {
-			t.brk.leave(probe, false, e.now().UnixNano())
+			e.leaveBreaker(t, probe, false)
 			if errors.Is(err, store.ErrClosed) || look.Err() != nil {
 				if errors.Is(err, store.ErrClosed) && look.Err() == nil {
 					// Retired or closing: wait for quit or the engine's end.
@@ -175,21 +175,7 @@ func (e *Engine) work(t *target) {
 			e.takeFailed(t, err)
 			continue
 		}
-		asked := e.attempt(t, lease, probe)
-		if probe && !asked {
-			// The probe asked nothing (its delivery expired): let the
-			// next one go at once, here or at another instance. The
-			// shared record first: a worker let go before it is written
-			// would find this probe still out there.
-			e.shareBreaker(t, func(rec *breakerRecord, now int64) bool {
-				if !rec.Held {
-					return false
-				}
-				rec.ProbeUntil, rec.HoldUntil = 0, min(rec.HoldUntil, now)
-				return true
-			})
-		}
-		t.brk.leave(probe, asked, e.now().UnixNano())
+		e.leaveBreaker(t, probe, e.attempt(t, lease, probe))
 	}
 }
 
