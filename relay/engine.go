@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"reflect"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -213,7 +215,7 @@ func (e *Engine) retireRemoved() {
 	if e.state != stateOpen {
 		return
 	}
-	for _, name := range sortedNames(counts.Targets) {
+	for _, name := range slices.Sorted(maps.Keys(counts.Targets)) {
 		if e.targets[name] == nil && counts.Targets[name].Pending > 0 {
 			e.retire(name)
 		}
@@ -446,12 +448,6 @@ func (e *Engine) Overview(ctx context.Context) Overview {
 	return ov
 }
 
-// Stats returns the counts of every target with state, sorted by name.
-func (e *Engine) Stats() []TargetStats {
-	counts, _ := e.counts(context.Background())
-	return e.targetStats(counts)
-}
-
 func (e *Engine) targetStats(counts store.Counts) []TargetStats {
 	now := e.now()
 	e.mu.RLock()
@@ -639,13 +635,4 @@ func (e *Engine) collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descHeld, prometheus.GaugeValue, held, name, t.Name)
 	}
-}
-
-func sortedNames[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }

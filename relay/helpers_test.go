@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -249,7 +250,7 @@ func deadLetters(t testing.TB, e *Engine) []store.DeadLetter {
 }
 
 func targetStats(e *Engine, name string) TargetStats {
-	for _, s := range e.Stats() {
+	for _, s := range e.Overview(context.Background()).Targets {
 		if s.Name == name {
 			return s
 		}
