@@ -101,6 +101,20 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			backoff <min> <max>
 //			max_age <duration>
 //			concurrency <n>
+//			method POST | PUT | PATCH
+//			transform jq `<program>` | transform jq_file <path>
+//			content_type <type>
+//			body_format json | form
+//			documented_only
+//			order_by <json_path>
+//			drop_stale <key_path> <time_path>
+//			rate <n>/<s|m|h>
+//			sign standard_webhooks <secret> [<secret>...]
+//			tls {
+//				ca <file>
+//				client_cert <cert_file> <key_file>
+//				server_name <name>
+//			}
 //		}
 //	}
 //
@@ -356,7 +370,13 @@ func unmarshalTarget(d *caddyfile.Dispenser) (Target, error) {
 			}
 			t.Concurrency = n
 		default:
-			return t, d.Errf("unrecognized forward subdirective %q", d.Val())
+			known, err := unmarshalShaping(d, &t.Shaping, t.URL)
+			if err != nil {
+				return t, err
+			}
+			if !known {
+				return t, d.Errf("unrecognized forward subdirective %q", d.Val())
+			}
 		}
 	}
 	return t, nil

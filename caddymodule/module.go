@@ -21,6 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/webhook-relay/caddy-webhook-relay/relay"
+	"github.com/webhook-relay/caddy-webhook-relay/relay/shape"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
@@ -148,6 +149,8 @@ type Target struct {
 	// Concurrency is how many deliveries to this target run at once.
 	// Default: 8.
 	Concurrency int `json:"concurrency,omitempty"`
+
+	Shaping
 }
 
 // Match is one filter line of a target.
@@ -311,6 +314,9 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 		for _, m := range t.Match {
 			tc.Match = append(tc.Match, relay.Match{Path: m.Path, Values: m.Values})
 		}
+		if err := t.Shaping.apply(&tc); err != nil {
+			return cfg, fmt.Errorf("target %s: %w", t.Name, err)
+		}
 		if len(t.Headers) > 0 {
 			tc.Headers = http.Header{}
 			for k, vs := range t.Headers {
@@ -321,7 +327,7 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 					return cfg, fmt.Errorf("target %s: header field %q is not a valid HTTP header name", t.Name, k)
 				}
 				for _, v := range vs {
-					rv, err := resolve(v)
+					rv, err := resolveTemplate(v)
 					if err != nil {
 						return cfg, fmt.Errorf("target %s: header %s: %w", t.Name, k, err)
 					}
@@ -359,6 +365,38 @@ func resolve(v string) (string, error) {
 	out, err := caddy.NewReplacer().ReplaceOrErr(v, true, true)
 	if err != nil {
 		return "", fmt.Errorf("resolving placeholders: %w", err)
+	}
+	return out, nil
+}
+
+// resolveTemplate resolves the global placeholders of a value that may
+// also hold {event.*} placeholders, which it leaves for each attempt.
+// What a global placeholder resolves to is escaped, so that a file or an
+// environment variable holding "{event.json.x}" is sent as that text and
+// never expanded with a payload's values.
+func resolveTemplate(v string) (string, error) {
+	repl := caddy.NewReplacer()
+	repl.Map(func(key string) (any, bool) {
+		if strings.HasPrefix(key, "event.") {
+			return "{" + key + "}", true
+		}
+		return nil, false
+	})
+	out, err := repl.ReplaceFunc(v, func(key string, val any) (any, error) {
+		if strings.HasPrefix(key, "event.") {
+			return val, nil
+		}
+		if val == nil {
+			return nil, fmt.Errorf("resolving placeholders: unrecognized placeholder {%s}", key)
+		}
+		s := caddy.ToString(val)
+		if s == "" {
+			return nil, fmt.Errorf("resolving placeholders: evaluated placeholder {%s} is empty", key)
+		}
+		return shape.EscapeText(s), nil
+	})
+	if err != nil {
+		return "", err
 	}
 	return out, nil
 }

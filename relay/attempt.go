@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -9,15 +10,25 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/webhook-relay/caddy-webhook-relay/relay/shape"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
 // attempt makes one delivery attempt of a leased delivery and settles it
 // in the store. It reports whether the target was asked; when it was not
-// (the delivery expired), a held target's next probe may go at once.
-func (e *Engine) attempt(t *target, l store.Lease, probe bool) (asked bool) {
+// (the delivery expired, was stale, or could not be shaped), a held
+// target's next probe may go at once. gate says the worker holds the
+// pacer's gate, which it gives up once its request may go.
+func (e *Engine) attempt(t *target, l store.Lease, probe, gate bool) (asked bool) {
+	defer func() { t.pace.leave(gate) }()
 	tc := t.cfg.Load() // this attempt's settings, whatever a reload does meanwhile
 	d := l.Delivery()
+	ev := l.Event()
+	mark := staleMarkOf(t.name, tc.DropStale, ev.Body)
+	if e.isStale(t, mark) {
+		e.settleStale(t, tc, l, &d)
+		return false
+	}
 	now := e.now()
 	if now.Sub(d.ReceivedAt) > tc.MaxAge {
 		d.LastError = ReasonMaxAgeExceeded
@@ -25,14 +36,37 @@ func (e *Engine) attempt(t *target, l store.Lease, probe bool) (asked bool) {
 		e.settle(t, tc, l, &d, store.Dead)
 		return false
 	}
-	ev := l.Event()
+	// Waiting for the rate is no part of the attempt: neither its
+	// timeout nor its number.
+	if err := e.pace(e.ctx, t, l, leaseFor(&tc.TargetConfig).Lease); err != nil {
+		return true // closing: abandoned, stays pending
+	}
+	t.pace.leave(gate)
+	gate = false
+
+	ctx, cancel := context.WithTimeout(e.ctx, tc.Timeout)
+	defer cancel()
+	now = e.now()
+	req, err := tc.shape.Build(ctx, shape.Input{ID: ev.ID.String(), ReceivedAt: ev.ReceivedAt, ContentType: ev.ContentType, Body: ev.Body}, now)
+	if err != nil {
+		if e.ctx.Err() != nil {
+			return true
+		}
+		// Nothing was sent: the event cannot be shaped for this target
+		// (a transform's error, a value a header cannot carry). No retry
+		// can change that; a replay after a config change can.
+		d.LastStatus, d.LastError = 0, err.Error()
+		d.LastAttemptAt = now
+		e.settle(t, tc, l, &d, store.Dead)
+		return false
+	}
 	d.Attempts++
 	if d.FirstAttemptAt.IsZero() {
 		d.FirstAttemptAt = now
 	}
 	d.LastAttemptAt = now
 	start := time.Now()
-	resp, err := e.send(t.client, tc, ev, d.Attempts)
+	resp, err := e.send(ctx, tc, req, ev, d.Attempts)
 	t.metrics.Load().attemptDur.Observe(time.Since(start).Seconds())
 	if errors.Is(err, errAbandoned) {
 		// Closing: the lease is abandoned with the store, and the
@@ -51,9 +85,10 @@ func (e *Engine) attempt(t *target, l store.Lease, probe bool) (asked bool) {
 		}
 		drain(resp)
 	}
-	e.feedBreaker(t, tc, &d, verdict, resp, probe)
+	e.feedBreaker(t, &tc.TargetConfig, &d, verdict, resp, probe)
 	switch {
 	case verdict == Done:
+		e.markDelivered(t, mark, e.keyTTL())
 		e.settle(t, tc, l, &d, store.Delivered)
 	case verdict == Reject:
 		e.settle(t, tc, l, &d, store.Dead)
@@ -116,25 +151,46 @@ func (e *Engine) feedBreaker(t *target, tc *TargetConfig, d *store.Delivery, ver
 // its commit with acks and other outcomes. The counters move once it is
 // durable. A crash before then loses the outcome, so the attempt is made
 // again: at least once.
-func (e *Engine) settle(t *target, tc *TargetConfig, l store.Lease, d *store.Delivery, o store.Outcome) {
+func (e *Engine) settle(t *target, tc *settings, l store.Lease, d *store.Delivery, o store.Outcome) {
 	l.Settle(o, d, func(err error) { e.settled(t, tc, l, d, o, err) })
 }
 
-func (e *Engine) settled(t *target, tc *TargetConfig, l store.Lease, d *store.Delivery, o store.Outcome, err error) {
-	if err != nil {
-		// The store is closing or failing: the delivery stays pending as
-		// last stored. While the engine runs, try it again later (at
-		// least once: a delivered event may go out again); on shutdown
-		// the next start sends it.
-		if e.ctx.Err() == nil {
-			// A full disk fails every settle: log once in a while, not
-			// once per delivery.
-			if n := e.settleErrors.Add(1); e.logEvery(&e.settleLogged, 10*time.Second) {
-				e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
-					zap.String("target", t.name), zap.Int64("failures_so_far", n), zap.Error(err))
-			}
-			l.Postpone(e.now().Add(tc.BackoffMax))
+// settleStale removes a delivery whose event is older than one already
+// delivered for its drop_stale key: nothing is sent, nothing stays
+// pending or dead.
+func (e *Engine) settleStale(t *target, tc *settings, l store.Lease, d *store.Delivery) {
+	l.Settle(store.Delivered, d, func(err error) {
+		if err != nil {
+			e.settleFailed(t, tc, l, d, err)
+			return
 		}
+		t.metrics.Load().stale.Inc()
+		if ce := e.log.Check(zapcore.DebugLevel, "stale: an event newer for the same key was delivered"); ce != nil {
+			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name))
+		}
+	})
+}
+
+// settleFailed handles an outcome the store could not record: the
+// delivery stays pending as last stored. While the engine runs, it is
+// tried again later (at least once: a delivered event may go out again);
+// on shutdown the next start sends it.
+func (e *Engine) settleFailed(t *target, tc *settings, l store.Lease, d *store.Delivery, err error) {
+	if e.ctx.Err() != nil {
+		return
+	}
+	// A full disk fails every settle: log once in a while, not once per
+	// delivery.
+	if n := e.settleErrors.Add(1); e.logEvery(&e.settleLogged, 10*time.Second) {
+		e.log.Error("recording delivery attempt", zap.String("event_id", d.ID.String()),
+			zap.String("target", t.name), zap.Int64("failures_so_far", n), zap.Error(err))
+	}
+	l.Postpone(e.now().Add(tc.BackoffMax))
+}
+
+func (e *Engine) settled(t *target, tc *settings, l store.Lease, d *store.Delivery, o store.Outcome, err error) {
+	if err != nil {
+		e.settleFailed(t, tc, l, d, err)
 		return
 	}
 	m := t.metrics.Load()

@@ -3,6 +3,7 @@ package relay
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/hashicorp/go-retryablehttp"
 
+	"github.com/webhook-relay/caddy-webhook-relay/relay/shape"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
@@ -36,9 +38,10 @@ var UserAgent = "caddy-webhook-relay/" + Version
 // attempt; against a target answering 503 that means a new TCP connection
 // per attempt. The transport is wrapped so that the client cannot close
 // them: the engine does, when the target goes or the engine closes.
-func newClient(concurrency int) (*retryablehttp.Client, *http.Transport) {
+func newClient(concurrency int, tlsConf *tls.Config) (*retryablehttp.Client, *http.Transport) {
 	tr := &http.Transport{
-		Proxy: nil,
+		TLSClientConfig: tlsConf,
+		Proxy:           nil,
 		DialContext: (&net.Dialer{
 			Timeout:   10 * time.Second,
 			KeepAlive: 30 * time.Second,
@@ -72,20 +75,16 @@ type keepConns struct{ rt http.RoundTripper }
 
 func (k keepConns) RoundTrip(r *http.Request) (*http.Response, error) { return k.rt.RoundTrip(r) }
 
-// send makes one HTTP attempt with exactly the contract's headers.
-func (e *Engine) send(client *retryablehttp.Client, tc *TargetConfig, ev *store.Event, attempt int) (*http.Response, error) {
-	ctx, cancel := context.WithTimeout(e.ctx, tc.Timeout)
-	req, err := retryablehttp.NewRequestWithContext(ctx, http.MethodPost, tc.URL, ev.Body)
+// send makes one HTTP attempt of a shaped request, under ctx (the
+// attempt's timeout), with the contract's headers over the pipeline's.
+func (e *Engine) send(ctx context.Context, tc *settings, r shape.Request, ev *store.Event, attempt int) (*http.Response, error) {
+	req, err := retryablehttp.NewRequestWithContext(ctx, r.Method, r.URL, r.Body)
 	if err != nil {
-		cancel()
 		return nil, err
 	}
-	h := make(http.Header, 6+len(tc.Headers))
-	for k, v := range tc.Headers {
-		h[k] = v
-	}
-	if ev.ContentType != "" {
-		h.Set("Content-Type", ev.ContentType)
+	h := r.Header
+	if h == nil {
+		h = make(http.Header, 4)
 	}
 	if h.Get("User-Agent") == "" {
 		h.Set("User-Agent", UserAgent)
@@ -94,14 +93,13 @@ func (e *Engine) send(client *retryablehttp.Client, tc *TargetConfig, ev *store.
 	h.Set(HeaderAttempt, strconv.Itoa(attempt))
 	h.Set(HeaderTarget, tc.Name)
 	req.Header = h
-	resp, err := client.Do(req)
+	resp, err := tc.client.Do(req)
 	if err != nil {
 		if resp != nil {
 			// CheckRetry reports a done context together with a response
 			// that arrived meanwhile: close it, or its connection leaks.
 			drain(resp)
 		}
-		cancel()
 		if e.ctx.Err() != nil {
 			return nil, errAbandoned
 		}
@@ -110,19 +108,9 @@ func (e *Engine) send(client *retryablehttp.Client, tc *TargetConfig, ev *store.
 		}
 		return nil, err
 	}
-	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	// The body is read after send returns, within the attempt's context;
+	// the caller cancels it once done.
 	return resp, nil
-}
-
-type cancelBody struct {
-	io.ReadCloser
-	cancel context.CancelFunc
-}
-
-func (b *cancelBody) Close() error {
-	err := b.ReadCloser.Close()
-	b.cancel()
-	return err
 }
 
 // describe says what a failed response was, with the start of its body.

@@ -379,7 +379,7 @@ func TestNoProxyFromEnvironment(t *testing.T) {
 	t.Setenv("NO_PROXY", "")
 	t.Setenv("no_proxy", "")
 
-	c, tr := newClient(2)
+	c, tr := newClient(2, nil)
 	if k, ok := c.HTTPClient.Transport.(keepConns); !ok || k.rt != tr {
 		t.Fatalf("client's transport is %T, not the target's transport", c.HTTPClient.Transport)
 	}

@@ -67,10 +67,19 @@ type Engine struct {
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
 	loaded  chan struct{}                  // closed once the store's backlog is queued
 
+	// built are the targets' settings compiled by New, for Open.
+	built map[string]*settings
+	// shared: the store is shared by several instances (store.Sharer).
+	shared bool
+	// keyTTL is the dedupe ttl in ns, for what expires with it.
+	keyTTLns atomic.Int64
+
 	settleErrors  atomic.Int64
 	settleLogged  atomic.Int64 // unix ns of the last such log line
 	takeLogged    atomic.Int64
 	breakerLogged atomic.Int64
+	rateLogged    atomic.Int64
+	staleLogged   atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -112,6 +121,10 @@ func New(cfg Config, opts Options) (*Engine, error) {
 	if e.m == nil {
 		e.m = NewMetrics()
 	}
+	if e.built, err = buildAll(&c, nil); err != nil {
+		return nil, err
+	}
+	e.keyTTLns.Store(int64(c.Dedupe.TTL))
 	e.ctrs.Store(e.newCounters(c.Name))
 	e.dd = newDedupe(c.Dedupe.Capacity, func() { e.ctrs.Load().evictions.Inc() })
 	return e, nil
@@ -163,9 +176,12 @@ func (e *Engine) Open() error {
 		return fmt.Errorf("opening relay %s: %w", e.cfg.Name, err)
 	}
 	e.st = st
+	if sh, ok := st.(store.Sharer); ok && sh.Shared() {
+		e.shared = true
+	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	for i := range e.cfg.Targets {
-		t, err := e.newTarget(e.cfg.Targets[i])
+		t, err := e.newTarget(e.built[e.cfg.Targets[i].Name])
 		if err != nil {
 			e.cancel()
 			st.Close()
@@ -272,8 +288,24 @@ func (e *Engine) Update(cfg Config) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	// Build every changed target's settings before changing anything: a
+	// transform that does not compile leaves the engine as it was.
+	current := map[string]*settings{}
+	if e.state == stateOpen {
+		for name, t := range e.targets {
+			current[name] = t.cfg.Load()
+		}
+	} else {
+		current = e.built
+	}
+	built, err := buildAll(&c, current)
+	if err != nil {
+		return err
+	}
 	old := e.cfg
 	e.cfg = &c
+	e.built = built
+	e.keyTTLns.Store(int64(c.Dedupe.TTL))
 	if c.Name != e.ctrs.Load().name {
 		e.ctrs.Store(e.newCounters(c.Name))
 		for _, t := range e.targets {
@@ -290,7 +322,12 @@ func (e *Engine) Update(cfg Config) error {
 		tc := c.Targets[i]
 		keep[tc.Name] = true
 		if t := e.targets[tc.Name]; t != nil {
-			if !reflect.DeepEqual(*t.cfg.Swap(&tc), tc) {
+			if prev := t.cfg.Swap(built[tc.Name]); prev != built[tc.Name] {
+				if prev.conns != built[tc.Name].conns {
+					// New TLS settings: the old connections go once idle.
+					prev.conns.CloseIdleConnections()
+				}
+				t.pace.set(tc.Rate)
 				if _, err := e.st.Queue(tc.Name, leaseFor(&tc)); err != nil {
 					errs = append(errs, fmt.Errorf("target %s: %w", tc.Name, err))
 				}
@@ -303,7 +340,7 @@ func (e *Engine) Update(cfg Config) error {
 			t.lookAgain(e.ctx)
 			continue
 		}
-		t, err := e.newTarget(tc)
+		t, err := e.newTarget(built[tc.Name])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("target %s: %w", tc.Name, err))
 			continue
@@ -324,6 +361,30 @@ func (e *Engine) Update(cfg Config) error {
 	}
 	return errors.Join(errs...)
 }
+
+// buildAll returns the settings of c's targets: current's where a target
+// is unchanged (its pipeline, client and connections kept), built afresh
+// where it is new or changed. Change is a comparison of settings, which
+// hold the contents of the files they name, never of compiled programs.
+func buildAll(c *Config, current map[string]*settings) (map[string]*settings, error) {
+	out := make(map[string]*settings, len(c.Targets))
+	for _, tc := range c.Targets {
+		old := current[tc.Name]
+		if old != nil && reflect.DeepEqual(old.TargetConfig, tc) {
+			out[tc.Name] = old
+			continue
+		}
+		s, err := build(c, tc, old)
+		if err != nil {
+			return nil, err
+		}
+		out[tc.Name] = s
+	}
+	return out, nil
+}
+
+// keyTTL is how long a dedupe key counts as seen, and what expires with it.
+func (e *Engine) keyTTL() time.Duration { return time.Duration(e.keyTTLns.Load()) }
 
 // Result is the answer to one received event.
 type Result struct {
@@ -351,13 +412,23 @@ func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (
 		res.Duplicate = true
 		return res, nil
 	}
-	var names []string
+	var names, orderKeys []string
 	for i := range cfg.Targets {
-		if cfg.Targets[i].Matches(body) {
-			names = append(names, cfg.Targets[i].Name)
+		tc := &cfg.Targets[i]
+		if !tc.Matches(body) {
+			continue
+		}
+		names = append(names, tc.Name)
+		if tc.OrderBy != "" {
+			if orderKeys == nil {
+				orderKeys = make([]string, len(names)-1, len(cfg.Targets))
+			}
+			orderKeys = append(orderKeys, orderKey(body, tc.OrderBy))
+		} else if orderKeys != nil {
+			orderKeys = append(orderKeys, "")
 		}
 	}
-	opts := store.AcceptOptions{MaxPending: cfg.MaxPending}
+	opts := store.AcceptOptions{MaxPending: cfg.MaxPending, OrderKeys: orderKeys}
 	if dedupe {
 		opts.KeyExpiry = now.Add(cfg.Dedupe.TTL)
 	}

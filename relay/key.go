@@ -96,3 +96,18 @@ func (t *TargetConfig) Matches(body []byte) bool {
 	}
 	return true
 }
+
+// orderKey is an event's order key at a target with order_by path: the
+// value at the path as raw JSON (so that "1" and 1 differ, and a string's
+// quotes keep it from being read as a number), "" when the body has none.
+func orderKey(body []byte, path string) string {
+	v := gjson.GetBytes(body, path)
+	if !v.Exists() || v.Type == gjson.Null {
+		return ""
+	}
+	if v.Type == gjson.String {
+		// One spelling per string, whatever its escapes.
+		return "s" + v.Str
+	}
+	return "r" + v.Raw
+}

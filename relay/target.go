@@ -3,7 +3,9 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -12,19 +14,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/webhook-relay/caddy-webhook-relay/relay/shape"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
 // target is one internal endpoint at run time: its settings, its queue in
-// the store, the breaker in front of it, its HTTP client and workers.
+// the store, the breaker and pacer in front of it, and its workers.
 type target struct {
-	name   string
-	cfg    atomic.Pointer[TargetConfig]
-	q      store.Queue
-	brk    *breaker
-	client *retryablehttp.Client
-	conns  *http.Transport // the client's, to close its connections
-	quit   chan struct{}   // closed when the target leaves the config
+	name string
+	cfg  atomic.Pointer[settings]
+	q    store.Queue
+	brk  *breaker
+	pace *pacer
+	quit chan struct{} // closed when the target leaves the config
 
 	mu      sync.Mutex
 	running int // workers alive; while above concurrency, the next to look leaves
@@ -38,8 +40,8 @@ type target struct {
 
 // targetMetrics are a target's metric children, resolved once per name.
 type targetMetrics struct {
-	delivered, retried, dead prometheus.Counter
-	attemptDur, latency      prometheus.Observer
+	delivered, retried, dead, stale prometheus.Counter
+	attemptDur, latency             prometheus.Observer
 }
 
 func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
@@ -47,8 +49,56 @@ func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
 		delivered:  e.m.Deliveries.WithLabelValues(relayName, target, "delivered"),
 		retried:    e.m.Deliveries.WithLabelValues(relayName, target, "retried"),
 		dead:       e.m.Deliveries.WithLabelValues(relayName, target, "dead_lettered"),
+		stale:      e.m.Deliveries.WithLabelValues(relayName, target, "stale"),
 		attemptDur: e.m.AttemptDuration.WithLabelValues(relayName, target),
 		latency:    e.m.DeliveryLatency.WithLabelValues(relayName, target),
+	}
+}
+
+// settings are a target's config and what is built from it once per
+// config load: the pipeline that shapes its requests, and the HTTP client
+// (kept across reloads that do not change its TLS, with its connections).
+type settings struct {
+	TargetConfig
+	shape  *shape.Pipeline
+	client *retryablehttp.Client
+	conns  *http.Transport // the client's, to close its connections
+}
+
+// build compiles tc's pipeline and, unless old has the same TLS, makes
+// its client; old may be nil.
+func build(c *Config, tc TargetConfig, old *settings) (*settings, error) {
+	p, err := shape.Compile(shapeSpec(c, &tc))
+	if err != nil {
+		return nil, fmt.Errorf("target %s: %w", tc.Name, err)
+	}
+	s := &settings{TargetConfig: tc, shape: p}
+	if old != nil && reflect.DeepEqual(old.TLS, tc.TLS) {
+		s.client, s.conns = old.client, old.conns
+		return s, nil
+	}
+	tlsConf, err := clientTLS(tc.TLS)
+	if err != nil {
+		return nil, fmt.Errorf("target %s: %w", tc.Name, err)
+	}
+	s.client, s.conns = newClient(tc.Concurrency, tlsConf)
+	return s, nil
+}
+
+// shapeSpec is what the pipeline needs of a target's settings.
+func shapeSpec(c *Config, tc *TargetConfig) shape.Spec {
+	return shape.Spec{
+		Okhi:           c.Source == SourceOkHi,
+		Method:         tc.Method,
+		URL:            tc.URL,
+		Headers:        tc.Headers,
+		DocumentedOnly: tc.DocumentedOnly,
+		Transform:      tc.Transform,
+		TransformName:  tc.TransformName,
+		ContentType:    tc.ContentType,
+		Form:           tc.BodyFormat == BodyForm,
+		Secrets:        tc.Sign,
+		MaxBody:        c.MaxBody,
 	}
 }
 
@@ -57,25 +107,26 @@ func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
 // another instance takes the delivery after that (the contract allows the
 // timeout plus 10 s).
 func leaseFor(tc *TargetConfig) store.QueueOptions {
-	return store.QueueOptions{Lease: tc.Timeout + 5*time.Second}
+	return store.QueueOptions{Lease: tc.Timeout + 5*time.Second, Ordered: tc.OrderBy != ""}
 }
 
-// newTarget opens tc's queue in the store; the caller starts its workers.
-func (e *Engine) newTarget(tc TargetConfig) (*target, error) {
-	q, err := e.st.Queue(tc.Name, leaseFor(&tc))
+// newTarget opens the queue of s's target in the store; the caller starts
+// its workers.
+func (e *Engine) newTarget(s *settings) (*target, error) {
+	q, err := e.st.Queue(s.Name, leaseFor(&s.TargetConfig))
 	if err != nil {
 		return nil, err
 	}
 	t := &target{
-		name: tc.Name,
+		name: s.Name,
 		q:    q,
 		brk:  newBreaker(),
+		pace: newPacer(s.Rate),
 		quit: make(chan struct{}),
 	}
 	t.look, t.lookCancel = context.WithCancel(e.ctx)
-	t.cfg.Store(&tc)
-	t.metrics.Store(e.targetMetrics(e.cfg.Name, tc.Name))
-	t.client, t.conns = newClient(tc.Concurrency)
+	t.cfg.Store(s)
+	t.metrics.Store(e.targetMetrics(e.cfg.Name, s.Name))
 	return t, nil
 }
 
@@ -99,7 +150,7 @@ func (t *target) stop() {
 	t.mu.Lock()
 	t.lookCancel()
 	t.mu.Unlock()
-	t.conns.CloseIdleConnections()
+	t.cfg.Load().conns.CloseIdleConnections()
 }
 
 // startWorkers brings t's workers up to its concurrency; surplus workers
@@ -155,11 +206,17 @@ func (e *Engine) work(t *target) {
 		if !ok {
 			continue // ctx done, quit, or told to look at the settings again
 		}
-		if probe && !e.claimProbe(t, t.cfg.Load()) {
+		if probe && !e.claimProbe(t, &t.cfg.Load().TargetConfig) {
 			continue // another instance's probe is out
+		}
+		gate, ok := t.pace.enter(look)
+		if !ok {
+			e.leaveBreaker(t, probe, false)
+			continue
 		}
 		lease, err := t.q.Take(look)
 		if err != nil {
+			t.pace.leave(gate)
 			e.leaveBreaker(t, probe, false)
 			if errors.Is(err, store.ErrClosed) || look.Err() != nil {
 				if errors.Is(err, store.ErrClosed) && look.Err() == nil {
@@ -175,7 +232,7 @@ func (e *Engine) work(t *target) {
 			e.takeFailed(t, err)
 			continue
 		}
-		e.leaveBreaker(t, probe, e.attempt(t, lease, probe))
+		e.leaveBreaker(t, probe, e.attempt(t, lease, probe, gate))
 	}
 }
 

@@ -90,7 +90,9 @@ type Delivery struct {
 	// redelivery count: a delivery put back to wait uses none).
 	Attempts int
 	// NextAt is when the next attempt is due (pending deliveries only).
-	NextAt         time.Time
+	NextAt time.Time
+	// OrderKey is the delivery's order key, "" for none (QueueOptions).
+	OrderKey       string
 	FirstAttemptAt time.Time
 	LastAttemptAt  time.Time
 	LastStatus     int
@@ -152,6 +154,9 @@ type AcceptOptions struct {
 	// events pending (owed to at least one target), an event with targets
 	// gets ErrFull and nothing is written.
 	MaxPending int
+	// OrderKeys, when not nil, runs parallel to the targets: the order key
+	// of the event's delivery at each ("" for none). See QueueOptions.
+	OrderKeys []string
 }
 
 // Intake takes events in.
@@ -179,6 +184,14 @@ type QueueOptions struct {
 	// timeout plus a margin. Stores of one process keep a lease until it
 	// is settled or the process ends, and ignore it.
 	Lease time.Duration
+	// Ordered: deliveries with the same non-empty order key are handed
+	// out one at a time, in queue order (the order they were accepted; a
+	// replayed dead letter goes behind what is pending for its key). A
+	// delivery is not taken while an earlier one with its key is pending
+	// at the target: leased, waiting for a retry, or due. Deliveries
+	// without a key, and other keys, are not held back. When false,
+	// order keys are kept but ignored. Relay-wide on a shared store.
+	Ordered bool
 }
 
 // Queues holds one delivery queue per target.
@@ -294,6 +307,13 @@ type Counter interface {
 // before the open is queued and counted.
 type Loader interface {
 	Loaded() <-chan struct{}
+}
+
+// Sharer is implemented by stores that several instances use at once;
+// Shared reports whether this one is. Features that must hold relay-wide
+// (a rate) coordinate through KeyStates only then.
+type Sharer interface {
+	Shared() bool
 }
 
 // Health is implemented by stores that can be up or down while open (a
