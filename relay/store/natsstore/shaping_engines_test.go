@@ -1,0 +1,71 @@
+package natsstore_test
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay"
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store/natsstore"
+)
+
+// TestEnginesRateRelayWide: two instances sending to one target with a
+// rate keep it between them: any k+1 requests span at least k intervals
+// (less one interval's slack for a request that set off late).
+func TestEnginesRateRelayWide(t *testing.T) {
+	ns := natsstore.StartTestServer(t)
+	h := newHook(t, nil)
+	tc := target("t", h.URL)
+	tc.Concurrency = 4
+	tc.Rate = relay.Rate{N: 20, Per: time.Second}
+	a := openEngine(t, relayConfig("a", tc), storeConfig(ns.URL()))
+	b := openEngine(t, relayConfig("b", tc), storeConfig(ns.URL()))
+	const events = 16
+	for i := range events {
+		receive(t, []*relay.Engine{a, b}[i%2], body(fmt.Sprint("rate-", i)))
+	}
+	waitFor(t, "every delivery", 20*time.Second, func() bool { return len(h.delivered()) == events })
+	reqs := h.requests()
+	by := map[string]int{}
+	for _, r := range reqs {
+		by[r.instance]++
+	}
+	if by["a"] == 0 || by["b"] == 0 {
+		t.Logf("one instance sent everything (%v): the rate held, but the test did not see two senders", by)
+	}
+	const interval = 50 * time.Millisecond
+	slack := interval * 3 / 4
+	for i := range reqs {
+		for j := i + 1; j < len(reqs); j++ {
+			if span, want := reqs[j].arrived.Sub(reqs[i].arrived), time.Duration(j-i)*interval-slack; span < want {
+				t.Fatalf("requests %d to %d (instances %s..%s) came within %s, want at least %s", i, j, reqs[i].instance, reqs[j].instance, span, want)
+			}
+		}
+	}
+}
+
+// TestEnginesDropStaleRelayWide: an event delivered by one instance makes
+// an older event of the same key stale at the other.
+func TestEnginesDropStaleRelayWide(t *testing.T) {
+	ns := natsstore.StartTestServer(t)
+	h := newHook(t, nil)
+	tc := target("t", h.URL)
+	tc.DropStale = &relay.DropStale{KeyPath: "data.location.id", TimePath: "event_timestamp"}
+	a := openEngine(t, relayConfig("a", tc), storeConfig(ns.URL()))
+	b := openEngine(t, relayConfig("b", tc), storeConfig(ns.URL()))
+	ev := func(id string, at int) []byte {
+		return []byte(fmt.Sprintf(`{"event_id":%q,"api_version":"v3","event_timestamp":%d,"data":{"location":{"id":"L1"}}}`, id, at))
+	}
+	newer := receive(t, a, ev("newer", 200))
+	waitFor(t, "the newer event's delivery", 10*time.Second, func() bool { return h.delivered()[newer.EventID.String()] == 1 })
+	older := receive(t, b, ev("older", 100))
+	waitFor(t, "nothing pending", 10*time.Second, func() bool { return pendingEvents(a) == 0 && pendingEvents(b) == 0 })
+	if n := h.delivered()[older.EventID.String()]; n != 0 {
+		t.Errorf("the older event was sent %d times, want never", n)
+	}
+	if dead := allDead(t, b); len(dead) != 0 {
+		t.Errorf("dead letters %v, want none", dead)
+	}
+	same := receive(t, b, ev("same-time", 200))
+	waitFor(t, "the equal-time event's delivery", 10*time.Second, func() bool { return h.delivered()[same.EventID.String()] == 1 })
+}
