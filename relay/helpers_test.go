@@ -86,7 +86,7 @@ type testTarget struct {
 	maxIn    atomic.Int32
 }
 
-func newTestTarget(t *testing.T, handle func(w http.ResponseWriter, r *http.Request, n int)) *testTarget {
+func newTestTarget(t testing.TB, handle func(w http.ResponseWriter, r *http.Request, n int)) *testTarget {
 	t.Helper()
 	tt := &testTarget{handle: handle}
 	tt.Server = httptest.NewServer(http.HandlerFunc(tt.serve))
