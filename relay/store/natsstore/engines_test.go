@@ -42,7 +42,7 @@ type hook struct {
 	reqs []hookReq
 }
 
-func newHook(t *testing.T, answer func(r *http.Request) int) *hook {
+func newHook(t testing.TB, answer func(r *http.Request) int) *hook {
 	t.Helper()
 	h := &hook{answer: answer}
 	h.Server = httptest.NewServer(http.HandlerFunc(h.serve))

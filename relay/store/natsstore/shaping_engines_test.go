@@ -69,3 +69,32 @@ func TestEnginesDropStaleRelayWide(t *testing.T) {
 	same := receive(t, b, ev("same-time", 200))
 	waitFor(t, "the equal-time event's delivery", 10*time.Second, func() bool { return h.delivered()[same.EventID.String()] == 1 })
 }
+
+// BenchmarkEnginesRateAccuracy: 3,000 events to a rate 50/s target
+// through two instances on one embedded server (60 s a run); reports the
+// rate the target saw between its first and last request:
+//
+//	go test -run '^$' -bench EnginesRateAccuracy -benchtime 1x ./relay/store/natsstore/
+func BenchmarkEnginesRateAccuracy(b *testing.B) {
+	const events = 3000
+	for range b.N {
+		ns := natsstore.StartTestServer(b)
+		h := newHook(b, nil)
+		tc := target("t", h.URL)
+		tc.Concurrency = 8
+		tc.Rate = relay.Rate{N: 50, Per: time.Second}
+		engines := []*relay.Engine{
+			openEngine(b, relayConfig("a", tc), storeConfig(ns.URL())),
+			openEngine(b, relayConfig("b", tc), storeConfig(ns.URL())),
+		}
+		for i := range events {
+			receive(b, engines[i%2], body(fmt.Sprint("rate-", i)))
+		}
+		waitFor(b, "every delivery", 3*time.Minute, func() bool { return len(h.delivered()) == events })
+		reqs := h.requests()
+		span := reqs[len(reqs)-1].arrived.Sub(reqs[0].arrived)
+		rate := float64(len(reqs)-1) / span.Seconds()
+		b.ReportMetric(rate, "req/s")
+		b.ReportMetric(100*(rate-50)/50, "%off")
+	}
+}
