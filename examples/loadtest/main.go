@@ -14,8 +14,20 @@
 // nats-server with it) is pinned to CPU 0 and this process (load generator
 // and target) to CPU 1.
 //
-// relay-nats runs the burst and latency scenarios; sustained and backlog
-// (with the restart with events pending) run on relay-bolt only.
+// relay-nats runs the burst and latency scenarios; sustained runs on
+// relay-bolt (and relay-bolt-jq), backlog (with the restart with events
+// pending) on relay-bolt only.
+//
+// relay-bolt-jq (issue 9: what shaping for a legacy service costs) is
+// relay-bolt with, on its forward block, `transform jq` (a few fields of
+// the OkHi body into a new object), `body_format form` and `sign
+// standard_webhooks`. It runs in the burst rounds beside the others and
+// its own sustained search, the same as relay-bolt's; the summary gives
+// both as ratios to relay-bolt's. The target checks one request of each of
+// its runs: signature, form body, fields. It is left out of the default
+// -servers, which it would lengthen by about a quarter:
+//
+//	go run ./examples/loadtest -scenarios burst,sustained -servers respond,reverse_proxy,relay-bolt,relay-bolt-jq
 //
 // The load generator writes pre-rendered HTTP/1.1 requests (OkHi v2
 // bodies, a fraction of them exact re-sends) on pooled keep-alive
@@ -27,6 +39,7 @@
 //	go run ./examples/loadtest -duration 60s -restart-pending 1000000 -fill-timeout 10m
 //	go run ./examples/loadtest -scenarios burst -pprof /tmp/prof   # with Caddy's profiles
 //	go run ./examples/loadtest -scenarios burst,latency -servers respond,relay-bolt,relay-nats
+//	go run ./examples/loadtest -scenarios burst -servers respond,relay-bolt,relay-bolt-jq -duration 2s -rounds 1
 //
 // Sending the backlog and the restart-pending events is bounded by
 // -fill-timeout; a row says when fewer were sent. Storage lives under -dir
@@ -83,7 +96,10 @@ func run() int {
 	flag.IntVar(&o.backlog, "backlog", 100_000, "events sent while the target is down, then drained")
 	flag.IntVar(&o.restartPending, "restart-pending", 200_000, "events pending when the relay is restarted (0 skips; the issue's figure is 1000000, with a longer -fill-timeout)")
 	flag.StringVar(&scen, "scenarios", "burst,latency,sustained,backlog", "scenarios to run, comma-separated")
-	flag.StringVar(&servers, "servers", strings.Join(allKinds, ","), "servers to run, comma-separated; sustained and backlog run only on relay-bolt, relay-nats only burst and latency")
+	flag.StringVar(&servers, "servers", strings.Join(defaultKinds, ","), "servers to run, comma-separated, some of "+strings.Join(allKinds, ", ")+
+		"; sustained runs on relay-bolt (and relay-bolt-jq), backlog only on relay-bolt, relay-nats only burst and latency; "+
+		"relay-bolt-jq (not in the default) is relay-bolt plus transform jq, body_format form and sign standard_webhooks on its forward block, "+
+		"and runs burst and sustained, compared with relay-bolt")
 	flag.BoolVar(&o.pin, "pin", true, "pin the server (and relay-nats's nats-server) to CPU 0 and this process to CPU 1 when taskset exists")
 	flag.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./cmd/caddy")
 	flag.StringVar(&o.natsBin, "nats-server", "", "use this nats-server binary instead of building go.mod's github.com/nats-io/nats-server/v2")
@@ -219,6 +235,11 @@ func (r *runner) main(ctx context.Context) int {
 	fmt.Printf("load: %d connections, %.0f%% exact re-sends, OkHi v2 bodies; relay forward concurrency %d, backoff 100ms 2s\n",
 		o.conns, 100*o.resend, o.concurrency)
 	fmt.Println("servers: " + strings.Join(o.servers, ", "))
+	if o.runs(kindBoltJQ) {
+		fmt.Printf("relay-bolt-jq: relay-bolt's settings plus, on its forward block, transform jq `%s`, body_format form, "+
+			"sign standard_webhooks %s; the target verifies one request of each run; it runs burst and sustained only\n",
+			shapingJQ, shapingSecret)
+	}
 	if r.natsBin != "" {
 		fmt.Printf("relay-nats: %s, one node on 127.0.0.1, JetStream with sync_interval always (fsync before every ack), "+
 			"a new nats-server on a fresh store dir (a fresh stream) for every run; its CPU counts in the server CPU column, "+
@@ -258,16 +279,27 @@ func (r *runner) main(ctx context.Context) int {
 			r.mergeRounds(rounds)
 		case "latency":
 			err = r.latencies(ctx)
-		case "sustained", "backlog":
-			if !o.runs(kindBolt) {
-				progress("%s: skipped, it runs on relay-bolt, which -servers leaves out", s)
+		case "sustained":
+			// relay-bolt first, so that relay-bolt-jq's rows can say how
+			// they compare.
+			ran := false
+			for _, k := range []string{kindBolt, kindBoltJQ} {
+				if o.runs(k) && err == nil {
+					ran = true
+					err = r.runSustained(ctx, k)
+					r.stopServer()
+				}
+			}
+			if !ran {
+				progress("sustained: skipped, it runs on relay-bolt and relay-bolt-jq, which -servers leaves out")
 				continue
 			}
-			if s == "sustained" {
-				err = r.runSustained(ctx)
-			} else {
-				err = r.runBacklog(ctx)
+		case "backlog":
+			if !o.runs(kindBolt) {
+				progress("backlog: skipped, it runs on relay-bolt, which -servers leaves out")
+				continue
 			}
+			err = r.runBacklog(ctx)
 		}
 		r.stopServer()
 		if err != nil {

@@ -56,7 +56,7 @@ func (r *runner) printTargets() {
 		}
 		out = append(out, check{"1. burst, " + b.kind, fig, b.goal, yes(x >= b.min)})
 	}
-	if xs := r.natsToBolt; len(xs) > 0 {
+	if xs := r.toBolt[kindNATS]; len(xs) > 0 {
 		x := median(xs)
 		fig := fmt.Sprintf("%.2fx relay-bolt", x)
 		if len(xs) > 1 {
@@ -69,11 +69,12 @@ func (r *runner) printTargets() {
 	} else if rs := r.burstRatios[kindNATS]; len(rs) > 0 {
 		out = append(out, check{"1. burst, relay-nats", fmt.Sprintf("%.2fx respond", median(rs)), ">= 0.5x relay-bolt (not run: -servers)", "?"})
 	}
-	if p := r.burst[kindProxy]; p != nil && p.acks > 0 && r.sustained > 0 {
-		x := r.sustained / p.acks
-		out = append(out, check{"2. sustained, relay-bolt", fmt.Sprintf("%s/s = %.2fx reverse_proxy max (%s/s)", fmtRate(r.sustained), x, fmtRate(p.acks)), ">= 1.0x", yes(x >= 1)})
-	} else if r.sustained > 0 {
-		out = append(out, check{"2. sustained, relay-bolt", fmtRate(r.sustained) + "/s", ">= reverse_proxy max (not measured)", "?"})
+	sus := r.sustained[kindBolt]
+	if p := r.burst[kindProxy]; p != nil && p.acks > 0 && sus > 0 {
+		x := sus / p.acks
+		out = append(out, check{"2. sustained, relay-bolt", fmt.Sprintf("%s/s = %.2fx reverse_proxy max (%s/s)", fmtRate(sus), x, fmtRate(p.acks)), ">= 1.0x", yes(x >= 1)})
+	} else if sus > 0 {
+		out = append(out, check{"2. sustained, relay-bolt", fmtRate(sus) + "/s", ">= reverse_proxy max (not measured)", "?"})
 	}
 	for _, l := range []struct {
 		kind  string
@@ -108,7 +109,7 @@ func (r *runner) printTargets() {
 		}
 		out = append(out, check{"4. restart with pending", fmt.Sprintf("serving in %.2fs", r.restartReady.Seconds()), "<= 3 s with 1,000,000 pending", met})
 	}
-	for _, k := range []string{kindBolt, kindMemory, kindNATS} {
+	for _, k := range []string{kindBolt, kindMemory, kindNATS, kindBoltJQ} {
 		if b := r.burst[k]; b != nil {
 			fig := fmtMB(b.rss) + " MB"
 			if k == kindNATS {
@@ -117,15 +118,48 @@ func (r *runner) printTargets() {
 			out = append(out, check{"5. peak RSS in burst, " + k, fig, "<= 150 MB", yes(b.rss <= 150)})
 		}
 	}
+	if fig := r.shapingCost(); fig != "" {
+		out = append(out, check{"issue 9: shaping cost, relay-bolt-jq / relay-bolt", fig, "reported (issue 9 sets no goal)", "–"})
+	}
 	if len(out) == 0 {
 		return
 	}
 	fmt.Println()
-	fmt.Println("| issue 3 target | figure | goal | |")
+	fmt.Println("| issue 3 target (and issue 9's figure) | figure | goal | |")
 	fmt.Println("| --- | --- | --- | --- |")
 	for _, c := range out {
 		fmt.Printf("| %s | %s | %s | %s |\n", c.target, c.figure, c.goal, c.met)
 	}
+}
+
+// shapingCost compares relay-bolt-jq with relay-bolt of the same run:
+// burst acks (the median of the rounds' ratios) and sustained rates; ""
+// when relay-bolt-jq did not run.
+func (r *runner) shapingCost() string {
+	var parts []string
+	if xs := r.toBolt[kindBoltJQ]; len(xs) > 0 {
+		p := fmt.Sprintf("burst %.2fx", median(xs))
+		if len(xs) > 1 {
+			p += fmt.Sprintf(" (median of %d rounds: %s)", len(xs), fmtRatios(xs))
+		}
+		if rs := r.burstRatios[kindBoltJQ]; len(rs) > 0 {
+			p += fmt.Sprintf(", %.2fx respond", median(rs))
+		}
+		parts = append(parts, p)
+	} else if rs := r.burstRatios[kindBoltJQ]; len(rs) > 0 {
+		parts = append(parts, fmt.Sprintf("burst %.2fx respond (relay-bolt not run: -servers)", median(rs)))
+	}
+	jq, tried := r.sustained[kindBoltJQ]
+	bolt := r.sustained[kindBolt]
+	switch {
+	case tried && jq == 0:
+		parts = append(parts, "sustained: no rate tried kept up")
+	case jq > 0 && bolt > 0:
+		parts = append(parts, fmt.Sprintf("sustained %.2fx (%s/s against %s/s)", jq/bolt, fmtRate(jq), fmtRate(bolt)))
+	case jq > 0:
+		parts = append(parts, fmt.Sprintf("sustained %s/s (relay-bolt's not measured)", fmtRate(jq)))
+	}
+	return strings.Join(parts, "; ")
 }
 
 func fmtRate(v float64) string {

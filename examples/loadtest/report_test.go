@@ -68,8 +68,8 @@ func TestMergeRounds(t *testing.T) {
 	if _, ok := r.burstRatios[kindMemory]; ok {
 		t.Error("a ratio for a server that never ran")
 	}
-	if r.natsToBolt != nil {
-		t.Errorf("relay-nats to relay-bolt ratios %v without relay-nats", r.natsToBolt)
+	if len(r.toBolt) != 0 {
+		t.Errorf("ratios to relay-bolt %v without relay-nats or relay-bolt-jq", r.toBolt)
 	}
 }
 
@@ -82,7 +82,7 @@ func TestMergeRoundsNATS(t *testing.T) {
 		{kindRespond: {acks: 20000}, kindBolt: {acks: 4000}, kindNATS: {acks: 3000, rss: 50, natsRSS: 20}},
 		{kindRespond: {acks: 20000}, kindNATS: {acks: 3000}},
 	})
-	if got := fmt.Sprint(r.natsToBolt); got != "[0.5 0.75]" {
+	if got := fmt.Sprint(r.toBolt[kindNATS]); got != "[0.5 0.75]" {
 		t.Errorf("relay-nats to relay-bolt %s, want [0.5 0.75]", got)
 	}
 	if got := fmt.Sprint(r.burstRatios[kindNATS]); got != "[0.15 0.15 0.15]" {

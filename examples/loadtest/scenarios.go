@@ -27,18 +27,21 @@ type runner struct {
 	// burstRatios each relay's ratios to respond, one per round.
 	round       int
 	burstRatios map[string][]float64
-	// natsToBolt is relay-nats's acks over relay-bolt's, one per round.
-	natsToBolt []float64
+	// toBolt is, by server, its acks over relay-bolt's, one per round
+	// that ran both (relay-nats, relay-bolt-jq).
+	toBolt map[string][]float64
 
 	// Figures for the targets summary.
 	latencyP99 map[string]map[int32]time.Duration // by server, by target mode
 	// latencyRespondP99 is respond's p99 at the same rate: the floor.
 	latencyRespondP99 time.Duration
-	sustained         float64
-	drainRate         float64
-	restartReady      time.Duration
-	restartN          int64
-	maxOther          float64 // most CPU (% of a core) others used during a run
+	// sustained is, by server, the highest rate kept up with (0: tried,
+	// none kept up with).
+	sustained    map[string]float64
+	drainRate    float64
+	restartReady time.Duration
+	restartN     int64
+	maxOther     float64 // most CPU (% of a core) others used during a run
 }
 
 type burstFigures struct {
@@ -229,7 +232,13 @@ func (r *runner) finish(s *server, rw *row) time.Duration {
 	return d
 }
 
-func isRelay(kind string) bool { return kind == kindBolt || kind == kindMemory || kind == kindNATS }
+func isRelay(kind string) bool {
+	return kind == kindBolt || kind == kindMemory || kind == kindNATS || kind == kindBoltJQ
+}
+
+// comparedToBolt are the servers whose burst is also reported as a ratio
+// to relay-bolt's in the same round.
+var comparedToBolt = []string{kindNATS, kindBoltJQ}
 
 // runBurst: closed loop, all connections, -duration, target healthy.
 func (r *runner) runBurst(ctx context.Context, kind string) error {
@@ -276,8 +285,14 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 		if n := r.target.redelivered.Load(); n > 0 {
 			rw.notes = append(rw.notes, fmt.Sprintf("%d redelivered", n))
 		}
-		if kind == kindBolt || kind == kindNATS {
+		if kind == kindBolt || kind == kindNATS || kind == kindBoltJQ {
 			rw.notes = append(rw.notes, fmt.Sprintf("store %.1f MB", float64(dirSize(s.conf.storeDir()))/(1<<20)))
+		}
+		if b := r.burst[kindBolt]; b != nil && b.acks > 0 && slices.Contains(comparedToBolt, kind) {
+			rw.notes = append(rw.notes, fmt.Sprintf("%.2fx relay-bolt this round", rw.acks/b.acks))
+		}
+		if kind == kindBoltJQ {
+			rw.notes = append(rw.notes, r.target.shapingNote())
 		}
 		rw.rss = s.peakRSS()
 		fig.rss = rw.rss
@@ -297,10 +312,16 @@ func (r *runner) runBurst(ctx context.Context, kind string) error {
 // largest peak RSS).
 func (r *runner) mergeRounds(rounds []map[string]*burstFigures) {
 	r.burstRatios = map[string][]float64{}
-	r.natsToBolt = nil
+	r.toBolt = map[string][]float64{}
 	for _, round := range rounds {
-		if n, b := round[kindNATS], round[kindBolt]; n != nil && b != nil && b.acks > 0 {
-			r.natsToBolt = append(r.natsToBolt, n.acks/b.acks)
+		b := round[kindBolt]
+		if b == nil || b.acks <= 0 {
+			continue
+		}
+		for _, k := range comparedToBolt {
+			if f := round[k]; f != nil {
+				r.toBolt[k] = append(r.toBolt[k], f.acks/b.acks)
+			}
 		}
 	}
 	merged := map[string]*burstFigures{}
@@ -388,23 +409,24 @@ func (r *runner) runLatency(ctx context.Context, kind string, mode int32) error 
 	return ctx.Err()
 }
 
-// runSustained: open loop on relay-bolt, searching for the highest rate at
-// which both ack and delivery keep up: at least 95% of the rate acked, and
-// the backlog drained within 3 s of the end of the run. Each step runs on a
-// fresh relay, starting from the burst's min(ack rate, delivery rate).
-func (r *runner) runSustained(ctx context.Context) error {
+// runSustained: open loop on kind (relay-bolt, relay-bolt-jq), searching
+// for the highest rate at which both ack and delivery keep up: at least
+// 95% of the rate acked, and the backlog drained within 3 s of the end of
+// the run. Each step runs on a fresh relay, starting from the burst's
+// min(ack rate, delivery rate) of that kind.
+func (r *runner) runSustained(ctx context.Context, kind string) error {
 	// The burst bounds the search: acks at most its ack rate (hi), and
 	// delivery at least what it delivered while also acking (lo).
 	var lo, hi float64
-	if b := r.burst[kindBolt]; b != nil && b.acceptedFraction > 0 {
+	if b := r.burst[kind]; b != nil && b.acceptedFraction > 0 {
 		lo, hi = min(b.acks, b.delivered/b.acceptedFraction), b.acks
 	} else {
 		// No burst figures: calibrate with a short closed loop.
-		s, err := r.newServer(ctx, kindBolt)
+		s, err := r.newServer(ctx, kind)
 		if err != nil {
 			return err
 		}
-		progress("sustained: calibrating with a %s closed loop", r.opts.duration/2)
+		progress("sustained: %s, calibrating with a %s closed loop", kind, r.opts.duration/2)
 		res := runLoad(ctx, loadSpec{addr: s.conf.addr(), conns: r.opts.conns, duration: r.opts.duration / 2, resend: r.opts.resend})
 		if res.ok() > 0 && res.accepted > 0 {
 			del := float64(r.target.unique.Load()) / res.elapsed.Seconds()
@@ -412,17 +434,21 @@ func (r *runner) runSustained(ctx context.Context) error {
 		}
 	}
 	if lo <= 0 {
-		return fmt.Errorf("no estimate of the relay's throughput")
+		return fmt.Errorf("no estimate of %s's throughput", kind)
 	}
+	if r.sustained == nil {
+		r.sustained = map[string]float64{}
+	}
+	r.sustained[kind] = 0 // tried: 0 until a rate is kept up with
 	// Start between the bounds; then bisect between the highest rate kept
 	// up with (pass) and the lowest not (fail).
 	rate, pass, fail := 0.95*math.Sqrt(lo*hi), 0.0, 0.0
 	for step := 0; step < r.opts.sustainSteps && ctx.Err() == nil; step++ {
-		s, err := r.newServer(ctx, kindBolt)
+		s, err := r.newServer(ctx, kind)
 		if err != nil {
 			return err
 		}
-		progress("sustained: relay-bolt, open loop %.0f/s, %s", rate, r.opts.duration)
+		progress("sustained: %s, open loop %.0f/s, %s", kind, rate, r.opts.duration)
 		res, rw := r.measure(ctx, s, fmt.Sprintf("sustained %.0f/s", rate),
 			loadSpec{conns: r.opts.conns, duration: r.opts.duration, rate: rate, resend: r.opts.resend})
 		t0 := time.Now()
@@ -440,13 +466,19 @@ func (r *runner) runSustained(ctx context.Context) error {
 		if p := r.burst[kindProxy]; p != nil && p.acks > 0 {
 			rw.notes = append(rw.notes, fmt.Sprintf("%.2fx reverse_proxy max", rw.acks/p.acks))
 		}
+		if b := r.sustained[kindBolt]; kind != kindBolt && b > 0 {
+			rw.notes = append(rw.notes, fmt.Sprintf("%.2fx relay-bolt's sustained", rw.acks/b))
+		}
 		rw.notes = append(rw.notes, fmt.Sprintf("%s new events/s", fmtRate(float64(res.accepted)/res.elapsed.Seconds())))
+		if kind == kindBoltJQ {
+			rw.notes = append(rw.notes, r.target.shapingNote())
+		}
 		rw.rss = s.peakRSS()
 		r.finish(s, &rw)
 		r.rows = append(r.rows, rw)
 		if drained && acked {
 			pass = rate
-			r.sustained = max(r.sustained, rw.acks)
+			r.sustained[kind] = max(r.sustained[kind], rw.acks)
 		} else {
 			fail = rate
 		}

@@ -2,12 +2,18 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	standardwebhooks "github.com/standard-webhooks/standard-webhooks/libraries/go"
 )
 
 // Target modes.
@@ -30,6 +36,15 @@ type target struct {
 	mu   sync.Mutex
 	seen map[string]struct{}
 
+	// verifier checks relay-bolt-jq's signatures with shapingSecret.
+	verifier *standardwebhooks.Webhook
+	// sampled is set once the first signed request since reset has been
+	// checked, and shaped holds what the check found: one request a run
+	// is enough to show the shaping was applied, and checking every one
+	// would load the generator's core.
+	sampled atomic.Bool
+	shaped  atomic.Pointer[shapingCheck]
+
 	requests    atomic.Int64 // every request, whatever the answer
 	unique      atomic.Int64 // distinct Idempotency-Keys answered 200
 	redelivered atomic.Int64 // a key answered 200 before came again
@@ -42,7 +57,12 @@ func startTarget() (*target, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &target{addr: ln.Addr().String(), seen: make(map[string]struct{}), quit: make(chan struct{})}
+	v, err := standardwebhooks.NewWebhook(shapingSecret)
+	if err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("standard webhooks secret: %w", err)
+	}
+	t := &target{addr: ln.Addr().String(), seen: make(map[string]struct{}), quit: make(chan struct{}), verifier: v}
 	t.srv = &http.Server{Handler: t, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
 	go func() { _ = t.srv.Serve(ln) }()
 	return t, nil
@@ -63,10 +83,20 @@ func (t *target) reset() {
 	t.redelivered.Store(0)
 	t.unkeyed.Store(0)
 	t.refused.Store(0)
+	t.shaped.Store(nil)
+	t.sampled.Store(false)
 }
 
 func (t *target) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.requests.Add(1)
+	if r.Header.Get(standardwebhooks.HeaderWebhookSignature) != "" && t.sampled.CompareAndSwap(false, true) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.shaped.Store(&shapingCheck{err: fmt.Errorf("reading the body: %w", err)})
+		} else {
+			t.shaped.Store(t.checkShaped(r.Header, body))
+		}
+	}
 	_, _ = io.Copy(io.Discard, r.Body)
 	switch t.mode.Load() {
 	case modeDown:
@@ -124,5 +154,59 @@ func (t *target) waitUnique(ctx context.Context, want int64, timeout time.Durati
 			return time.Time{}, first
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// shapingCheck is what the target found in the first signed request
+// since its reset.
+type shapingCheck struct {
+	body string
+	err  error
+}
+
+// checkShaped verifies a relay-bolt-jq request: the Standard Webhooks
+// signature, by the scheme's reference library, over a form body holding
+// the fields shapingJQ picks.
+func (t *target) checkShaped(h http.Header, body []byte) *shapingCheck {
+	c := &shapingCheck{body: string(body)}
+	if err := t.verifier.Verify(body, h); err != nil {
+		c.err = fmt.Errorf("signature: %w", err)
+		return c
+	}
+	if ct := h.Get("Content-Type"); ct != "application/x-www-form-urlencoded" {
+		c.err = fmt.Errorf("content type %q, want application/x-www-form-urlencoded", ct)
+		return c
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		c.err = fmt.Errorf("form body: %w", err)
+		return c
+	}
+	keys := make([]string, 0, len(form))
+	for k := range form {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	if !slices.Equal(keys, shapingFields) {
+		c.err = fmt.Errorf("form fields %s, want %s", strings.Join(keys, ","), strings.Join(shapingFields, ","))
+		return c
+	}
+	if id := form.Get("id"); len(id) != idLen {
+		c.err = fmt.Errorf("form id %q is not an address_verification_id of %d hex digits", id, idLen)
+	}
+	return c
+}
+
+// shapingNote says what the check of a relay-bolt-jq run found, for its
+// row.
+func (t *target) shapingNote() string {
+	c := t.shaped.Load()
+	switch {
+	case c == nil:
+		return "SHAPING NOT CHECKED: the target got no signed request"
+	case c.err != nil:
+		return fmt.Sprintf("SHAPING CHECK FAILED: %v (body %q)", c.err, c.body)
+	default:
+		return fmt.Sprintf("one request checked: signature verified (Standard Webhooks reference library), form body %s", c.body)
 	}
 }
