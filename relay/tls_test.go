@@ -126,6 +126,27 @@ func TestTLSTarget(t *testing.T) {
 		t.Errorf("last_error %q, want the TLS error", last.LastError)
 	}
 
+	// Trusting the CA is not enough: the target wants a client
+	// certificate, and refuses the handshake without one.
+	tc.TLS = &TLSConfig{CA: pki.caPEM, ServerName: "legacy.internal"}
+	cfg.Targets = []TargetConfig{tc}
+	if err := e.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	before := last.Attempts
+	waitFor(t, "a handshake without a client certificate to fail", 5*time.Second, func() bool {
+		var found bool
+		_ = st.Pending(func(d *store.Delivery) error {
+			last, found = *d, true
+			return nil
+		})
+		return found && last.Attempts >= before+2 && !strings.Contains(last.LastError, "unknown authority")
+	})
+	if !strings.Contains(last.LastError, "tls") && !strings.Contains(last.LastError, "certificate") {
+		t.Errorf("last_error %q, want the server's refusal of a handshake without a client certificate", last.LastError)
+	}
+	t.Logf("without a client certificate: %s", last.LastError)
+
 	tc.TLS = &TLSConfig{CA: pki.caPEM, Cert: pki.clientCert, Key: pki.clientKey, ServerName: "legacy.internal"}
 	cfg.Targets = []TargetConfig{tc}
 	if err := e.Update(cfg); err != nil {
