@@ -125,6 +125,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	start := d.Line()
+	var documentedAt []int // lines of forward blocks with documented_only
 	if d.NextArg() {
 		h.Name = d.Val()
 		if err := checkName("relay", h.Name); err != nil {
@@ -208,9 +209,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.StorageRaw = raw
 		case "forward":
+			line := d.Line()
 			t, err := unmarshalTarget(d)
 			if err != nil {
 				return err
+			}
+			if t.DocumentedOnly {
+				documentedAt = append(documentedAt, line)
 			}
 			for _, o := range h.Targets {
 				if o.Name == t.Name {
@@ -221,6 +226,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}
+	}
+	if h.Source == string(relay.SourceGeneric) && len(documentedAt) > 0 {
+		return blockErr(d, documentedAt[0], "documented_only needs source okhi: a generic body has no documented fields")
 	}
 	if h.Auth == nil || (h.Auth.Header == "" && !h.Auth.Off) {
 		return blockErr(d, start, "webhook_relay needs 'auth_header <field> <value>' (or 'auth off' to accept unauthenticated requests)")

@@ -22,8 +22,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "webhook-relay",
-		Usage: "simulate|dead-letters|migrate ...",
-		Short: "Simulates OkHi's webhooks, manages the relay's dead letters, moves a bbolt store to NATS",
+		Usage: "simulate|dead-letters|migrate|transform ...",
+		Short: "Simulates OkHi's webhooks, manages the relay's dead letters, moves a bbolt store to NATS, previews a target's request",
 		Long: `
 simulate sends OkHi-shaped events to a relay the way OkHi does (15 s
 timeout, retries with exponential backoff, so duplicates happen) and
@@ -36,9 +36,12 @@ migrate copies a bbolt store (pending deliveries with their attempts,
 dead letters, unexpired dedupe keys) into a NATS JetStream stream, for
 several instances sharing one relay; it can be run again without
 duplicating anything.
+
+transform prints the request a target would get for an event (method,
+URL, headers with secrets masked, body), sending nothing.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(simulateCommand(), deadLettersCommand(), migrateCommand())
+			cmd.AddCommand(simulateCommand(), deadLettersCommand(), migrateCommand(), transformCommand())
 		},
 	})
 }

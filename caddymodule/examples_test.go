@@ -13,17 +13,20 @@ import (
 // TestExampleCaddyfilesAdapt keeps the demo and the examples loadable:
 // each adapts without error or warning and holds a webhook_relay.
 func TestExampleCaddyfilesAdapt(t *testing.T) {
-	files, err := filepath.Glob("../examples/*/Caddyfile")
+	// From the repository's root, as the README runs them: the files an
+	// example names (a jq_file) are relative to Caddy's working directory.
+	t.Chdir("..")
+	files, err := filepath.Glob("examples/*/Caddyfile")
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Set-ups of several instances, one Caddyfile each (cluster/Caddyfile.a).
-	more, err := filepath.Glob("../examples/*/Caddyfile.*")
+	more, err := filepath.Glob("examples/*/Caddyfile.*")
 	if err != nil {
 		t.Fatal(err)
 	}
 	files = append(files, more...)
-	files = append(files, "../Caddyfile")
+	files = append(files, "Caddyfile")
 	if len(files) < 3 {
 		t.Fatalf("found only %v", files)
 	}

@@ -122,8 +122,14 @@ func TestShapingCaddyfileErrors(t *testing.T) {
 			assertContains(t, err.Error(), c.want...)
 		})
 	}
+	var g Handler
+	err := g.UnmarshalCaddyfile(caddyfile.NewTestDispenser("webhook_relay {\n source generic\n auth_header X-Secret s\n forward t1 http://127.0.0.1:9000/ {\n  documented_only\n }\n}"))
+	if err == nil {
+		t.Fatal("documented_only with source generic: no error")
+	}
+	assertContains(t, err.Error(), "documented_only needs source okhi", "Testfile:4")
 	var h Handler
-	err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("webhook_relay {\n auth_header X-Secret s\n forward t1 http://127.0.0.1:9000/ {\n  tls {\n  }\n }\n}"))
+	err = h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("webhook_relay {\n auth_header X-Secret s\n forward t1 http://127.0.0.1:9000/ {\n  tls {\n  }\n }\n}"))
 	if err == nil {
 		t.Fatal("tls on an http URL: no error")
 	}

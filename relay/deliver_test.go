@@ -392,8 +392,10 @@ func TestNoProxyFromEnvironment(t *testing.T) {
 	if c.HTTPClient.CheckRedirect == nil {
 		t.Error("client follows redirects")
 	}
-	if c.RetryMax != 0 || c.Logger != nil {
-		t.Errorf("client retries in memory (RetryMax %d) or logs (%v)", c.RetryMax, c.Logger)
+	// Only the quick retries of one attempt: the schedule between
+	// attempts is persisted.
+	if c.RetryMax != quickRetries || c.Logger != nil {
+		t.Errorf("client retries %d times within an attempt, want %d; or logs (%v)", c.RetryMax, quickRetries, c.Logger)
 	}
 
 	target := newTestTarget(t, nil)

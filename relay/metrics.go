@@ -44,7 +44,7 @@ func NewMetrics() *Metrics {
 		}, []string{"relay", "result"}),
 		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "deliveries_total",
-			Help: "Delivery attempts by outcome: delivered, retried or dead_lettered.",
+			Help: "Delivery attempts by outcome: delivered, retried or dead_lettered; stale counts events not sent because a newer one of their drop_stale key was delivered.",
 		}, []string{"relay", "target", "result"}),
 		AttemptDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "delivery_attempt_duration_seconds",

@@ -3,10 +3,13 @@ package relay
 import (
 	"context"
 	"errors"
+	"io"
 	"math"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
+	"syscall"
 	"time"
 )
 
@@ -39,15 +42,39 @@ func Classify(resp *http.Response, err error) Verdict {
 	}
 }
 
-// CheckRetry is Classify in the shape of go-retryablehttp's CheckRetry.
-// The relay makes one HTTP attempt per delivery attempt and persists the
-// schedule itself, so that retries survive restarts; this tells the client
-// which results are worth another attempt.
-func CheckRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
+// CheckRetry is go-retryablehttp's CheckRetry, for the quick retries
+// inside one delivery attempt. The schedule between attempts is the
+// engine's, persisted so that it survives restarts: every status (with
+// its Retry-After), a timeout, a refused connection (a target that is
+// down, which the breaker holds) and a failed TLS handshake end the
+// attempt and wait there. What is left to the client is a connection lost
+// mid-request, on a connection it had: reset, a broken pipe, or closed
+// before the whole response came, as a restarting target or a load
+// balancer dropping connections does. net/http replays such a request
+// itself only on a reused connection that failed before anything was
+// written or before the first byte of the response; the rest is tried
+// again here, a few tens of milliseconds later, as the same attempt.
+func CheckRetry(ctx context.Context, _ *http.Response, err error) (bool, error) {
 	if ctx.Err() != nil {
 		return false, ctx.Err()
 	}
-	return Classify(resp, err) == Again, nil
+	if err == nil || !connectionLost(err) {
+		return false, nil
+	}
+	t := triesOf(ctx)
+	return t != nil && t.quick && t.connected.Load(), nil
+}
+
+// connectionLost reports whether err says the connection went away under
+// a request: reset by the peer, a write to a closed connection, or the
+// response cut short (before its first byte or in its middle).
+func connectionLost(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false
+	}
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // Backoff is the retry curve: the n-th retry waits about Min*2^(n-1),
@@ -92,11 +119,6 @@ func (b Backoff) Delay(attempt int, resp *http.Response) time.Duration {
 		d = min(ra, b.Max)
 	}
 	return d
-}
-
-// BackoffFunc is Backoff in the shape of go-retryablehttp's Backoff.
-func BackoffFunc(minWait, maxWait time.Duration, attempt int, resp *http.Response) time.Duration {
-	return Backoff{Min: minWait, Max: maxWait}.Delay(attempt+1, resp)
 }
 
 // RetryAfter reads a 429/503 response's Retry-After header, in seconds or

@@ -2,9 +2,17 @@ package relay
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -70,9 +78,22 @@ func TestClassify(t *testing.T) {
 	})
 }
 
+// TestCheckRetry: only a connection lost under a request, on a
+// connection the try had, is tried again within the attempt; every status,
+// timeout, refusal and TLS failure is left to the persisted schedule.
 func TestCheckRetry(t *testing.T) {
-	cancelled, cancel := context.WithCancel(context.Background())
+	connected := func(quick, conn bool) context.Context {
+		ctx := withTries(context.Background(), quick)
+		triesOf(ctx).connected.Store(conn)
+		return ctx
+	}
+	onConn := connected(true, true)
+	cancelled, cancel := context.WithCancel(onConn)
 	cancel()
+	opErr := func(op string, err error) error {
+		return &url.Error{Op: "Post", URL: "http://127.0.0.1:1/", Err: &net.OpError{Op: op, Net: "tcp", Err: &os.SyscallError{Syscall: op, Err: err}}}
+	}
+	reset := opErr("read", syscall.ECONNRESET)
 	tests := []struct {
 		name    string
 		ctx     context.Context
@@ -81,13 +102,28 @@ func TestCheckRetry(t *testing.T) {
 		want    bool
 		wantErr bool
 	}{
-		{"2xx", context.Background(), response(204, ""), nil, false, false},
-		{"5xx", context.Background(), response(503, ""), nil, true, false},
-		{"429", context.Background(), response(429, ""), nil, true, false},
-		{"other 4xx", context.Background(), response(422, ""), nil, false, false},
-		{"redirect", context.Background(), response(302, ""), nil, false, false},
-		{"transport error", context.Background(), nil, errors.New("reset"), true, false},
+		{"reset", onConn, nil, reset, true, false},
+		{"aborted", onConn, nil, opErr("read", syscall.ECONNABORTED), true, false},
+		{"broken pipe", onConn, nil, fmt.Errorf("net/http: HTTP/1.x transport connection broken: %w", opErr("write", syscall.EPIPE)), true, false},
+		{"closed before the response", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: io.EOF}, true, false},
+		{"response cut short", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: io.ErrUnexpectedEOF}, true, false},
+		{"reset before a connection (TLS handshake)", connected(true, false), nil, reset, false, false},
+		{"closed before a connection (TLS handshake)", connected(true, false), nil, &url.Error{Op: "Post", URL: "u", Err: io.EOF}, false, false},
+		{"reset on a rated target", connected(false, true), nil, reset, false, false},
+		{"reset outside the engine's requests", context.Background(), nil, reset, false, false},
+		{"refused", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: &net.OpError{Op: "dial", Net: "tcp", Err: &os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}}}, false, false},
+		{"timeout", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: context.DeadlineExceeded}, false, false},
+		{"read timeout", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}}, false, false},
+		{"TLS alert", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: &net.OpError{Op: "remote error", Err: tls.AlertError(40)}}, false, false},
+		{"certificate", onConn, nil, &url.Error{Op: "Post", URL: "u", Err: &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}}, false, false},
+		{"other transport error", onConn, nil, errors.New("something else"), false, false},
+		{"2xx", onConn, response(204, ""), nil, false, false},
+		{"5xx", onConn, response(503, "1"), nil, false, false},
+		{"429", onConn, response(429, "1"), nil, false, false},
+		{"other 4xx", onConn, response(422, ""), nil, false, false},
+		{"redirect", onConn, response(302, ""), nil, false, false},
 		{"context done", cancelled, response(503, ""), nil, false, true},
+		{"context done after a reset", cancelled, nil, reset, false, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -240,17 +276,5 @@ func TestRetryAfter(t *testing.T) {
 				t.Errorf("RetryAfter = %s, %v; want %s, %v", got, ok, tt.want, tt.wantOK)
 			}
 		})
-	}
-}
-
-func TestBackoffFuncMatchesBackoff(t *testing.T) {
-	// retryablehttp counts retries from 0; Backoff counts attempts from 1.
-	for i := range 10 {
-		got := BackoffFunc(time.Second, time.Hour, i, nil)
-		lo := Backoff{Min: time.Second, Max: time.Hour, Rand: func() float64 { return 0 }}.Delay(i+1, nil)
-		hi := Backoff{Min: time.Second, Max: time.Hour, Rand: func() float64 { return 0.999999 }}.Delay(i+1, nil)
-		if got < lo || got > hi {
-			t.Errorf("BackoffFunc(retry %d) = %s, want within [%s, %s]", i, got, lo, hi)
-		}
 	}
 }
