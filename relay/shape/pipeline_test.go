@@ -240,3 +240,36 @@ func BenchmarkBuildTransform(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkBuildSigned is the plain pass-through plus one Standard
+// Webhooks signature: the cost of signing alone.
+func BenchmarkBuildSigned(b *testing.B) {
+	p := mustCompile(b, Spec{Okhi: true, Secrets: []string{testSecret}})
+	in := input(okhiV2)
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := p.Build(ctx, in, testNow); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkBuildLegacy is a typical legacy shaping: documented_only, a
+// transform, a form body, a placeholder header and a signature.
+func BenchmarkBuildLegacy(b *testing.B) {
+	p := mustCompile(b, Spec{
+		Okhi: true, DocumentedOnly: true, Form: true, Secrets: []string{testSecret},
+		Transform: "{id: .v2.address_verification_id, status: .v2.verification_status, user: .v2.user_id}",
+		URL:       "http://127.0.0.1/addresses/{event.json.v2.address_verification_id}",
+		Headers:   header("X-Event", "{event.id}"),
+	})
+	in := input(okhiV2)
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := p.Build(ctx, in, testNow); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
