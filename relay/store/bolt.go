@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -26,7 +27,7 @@ var (
 	bucketEvents   = []byte("events")   // ref -> counts, content type, body
 	bucketKeys     = []byte("keys")     // id -> key expiry + receipt time: dedupe key and id index
 	bucketKeyExp   = []byte("keyexp")   // expiry + id -> nil, to expire keys in order
-	bucketPending  = []byte("pending")  // target -> ref -> delivery
+	bucketPending  = []byte("pending")  // target -> ref -> delivery; its sequence places keyed deliveries in queue order
 	bucketDead     = []byte("dead")     // target -> ref -> delivery
 	bucketMeta     = []byte("meta")     // keyFormat, keyPendingEvents
 	bucketState    = []byte("state")    // space NUL key -> revision, expiry, value
@@ -207,7 +208,6 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		db:     db,
 		path:   path,
 		now:    now,
-		qs:     newLocalQueues(now),
 		ops:    make(chan *op, maxBatch),
 		quit:   make(chan struct{}),
 		done:   make(chan struct{}),
@@ -218,6 +218,8 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		afterBatch:  opts.afterBatch,
 	}
 	s.pendingEvents.Store(int64(readPendingEvents(snap)))
+	s.qs = newLocalQueues(now, s)
+	s.qs.loading = true
 	go s.writer()
 	go s.load(snap)
 	return s, nil
@@ -270,40 +272,47 @@ func readPendingEvents(tx *bolt.Tx) int {
 // meanwhile drops what is still to come (see localQueue.pushLoaded).
 func (s *Bolt) load(snap *bolt.Tx) {
 	defer close(s.loaded)
+	defer s.qs.loaded()
 	defer snap.Rollback()
 	pending := snap.Bucket(bucketPending)
 	batch := make([]item, 0, loadBatch)
+	var keyed []keyedItem
 	errStop := errors.New("store closing")
 	_ = pending.ForEachBucket(func(name []byte) error {
 		q := s.qs.get(string(name))
 		c := pending.Bucket(name).Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
-			it, err := decodeItem(k, v)
+			it, seq, key, err := decodeItem(k, v)
 			if err != nil {
 				// Unreadable as a delivery anywhere else too: leave it
 				// on disk rather than give up the rest.
 				continue
 			}
-			batch = append(batch, it)
-			if len(batch) < loadBatch {
+			if len(key) == 0 {
+				batch = append(batch, it)
+			} else {
+				keyed = append(keyed, keyedItem{it: it, key: string(key), seq: seq})
+			}
+			if len(batch)+len(keyed) < loadBatch {
 				continue
 			}
-			if !s.pushLoaded(q, batch) {
+			if !s.pushLoaded(q, batch, keyed) {
 				return errStop
 			}
-			batch = batch[:0]
+			batch, keyed = batch[:0], keyed[:0]
 		}
-		if !s.pushLoaded(q, batch) {
+		if !s.pushLoaded(q, batch, keyed) {
 			return errStop
 		}
-		batch = batch[:0]
+		batch, keyed = batch[:0], keyed[:0]
+		q.loaded()
 		return nil
 	})
 }
 
 // pushLoaded queues a batch of the backlog and reports whether to go on.
-func (s *Bolt) pushLoaded(q *localQueue, batch []item) bool {
-	q.pushLoaded(batch)
+func (s *Bolt) pushLoaded(q *localQueue, batch []item, keyed []keyedItem) bool {
+	q.pushLoaded(batch, keyed)
 	if s.afterBatch != nil {
 		s.afterBatch()
 	}
@@ -642,7 +651,10 @@ func (s *Bolt) reserve(max int) bool {
 
 // Accept implements Intake.
 func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts AcceptOptions) (bool, error) {
-	targets = uniqueTargets(targets)
+	targets, orderKeys, err := targetKeys(targets, opts.OrderKeys)
+	if err != nil {
+		return false, fmt.Errorf("accepting event %s: %w", ev.ID, err)
+	}
 	if len(targets) > 0 && !s.reserve(opts.MaxPending) {
 		// A duplicate is one still, full or not: the sender may stop
 		// sending it.
@@ -653,10 +665,11 @@ func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts Acc
 		return false, ErrFull
 	}
 	var dup bool
+	var seq uint64
 	id := ev.ID
 	recv := ev.ReceivedAt.UnixNano()
-	err := s.submit(func(tx *bolt.Tx) error {
-		dup = false
+	err = s.submit(func(tx *bolt.Tx) error {
+		dup, seq = false, 0
 		keys := tx.Bucket(bucketKeys)
 		exps := tx.Bucket(bucketKeyExp)
 		if x, ok := getIndex(tx, id); ok {
@@ -696,15 +709,25 @@ func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts Acc
 		if err := addPendingEvents(tx, 1); err != nil {
 			return err
 		}
-		d := encodeDelivery(&Delivery{NextAt: ev.ReceivedAt})
 		pending := tx.Bucket(bucketPending)
-		for _, t := range targets {
+		if orderKeys != nil {
+			var err error
+			if seq, err = pending.NextSequence(); err != nil {
+				return err
+			}
+		}
+		d := encodeDelivery(&Delivery{NextAt: ev.ReceivedAt}, 0)
+		for i, t := range targets {
 			b, err := pending.CreateBucketIfNotExists([]byte(t))
 			if err != nil {
 				return err
 			}
 			b.FillPercent = appendFill
-			if err := b.Put(ref, d); err != nil {
+			v := d
+			if orderKeys != nil && orderKeys[i] != "" {
+				v = encodeDelivery(&Delivery{NextAt: ev.ReceivedAt, OrderKey: orderKeys[i]}, seq)
+			}
+			if err := b.Put(ref, v); err != nil {
 				return err
 			}
 		}
@@ -713,8 +736,13 @@ func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts Acc
 		if dup {
 			return
 		}
-		for _, t := range targets {
-			s.qs.get(t).push(item{due: recv, recv: recv, id: id})
+		for i, t := range targets {
+			it := item{due: recv, recv: recv, id: id}
+			if orderKeys == nil || orderKeys[i] == "" {
+				s.qs.get(t).push(it)
+			} else {
+				s.qs.get(t).pushKeyed(keyedItem{it: it, key: orderKeys[i], seq: seq})
+			}
 		}
 	})
 	if len(targets) > 0 && (err != nil || dup) {
@@ -735,13 +763,14 @@ func (s *Bolt) Seen(_ context.Context, id ID, now time.Time) (bool, error) {
 }
 
 // Queue implements Queues.
-func (s *Bolt) Queue(target string, _ QueueOptions) (Queue, error) {
+func (s *Bolt) Queue(target string, opts QueueOptions) (Queue, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed {
 		return nil, ErrClosed
 	}
 	q := s.qs.get(target)
+	q.setOrdered(opts.Ordered)
 	q.reopen()
 	return localTaker{q: q, take: s.take}, nil
 }
@@ -749,7 +778,7 @@ func (s *Bolt) Queue(target string, _ QueueOptions) (Queue, error) {
 // take leases the next due delivery of q with its event, read now.
 func (s *Bolt) take(ctx context.Context, q *localQueue) (Lease, error) {
 	for {
-		it, epoch, err := q.take(ctx)
+		it, key, epoch, err := q.take(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -784,10 +813,10 @@ func (s *Bolt) take(ctx context.Context, q *localQueue) (Lease, error) {
 			return nil, fmt.Errorf("reading event %s for %s: %w", it.id, q.target, err)
 		}
 		if ev == nil {
-			q.release(epoch)
+			q.release(it, epoch)
 			continue
 		}
-		return &localLease{q: q, it: it, epoch: epoch, ev: ev, st: s}, nil
+		return &localLease{q: q, it: it, key: key, epoch: epoch, ev: ev}, nil
 	}
 }
 
@@ -828,16 +857,31 @@ func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *change) error {
 	target := []byte(d.Target)
 	pb := tx.Bucket(bucketPending).Bucket(target)
 	db := tx.Bucket(bucketDead).Bucket(target)
-	inPending := pb != nil && pb.Get(e.ref) != nil
+	var stored []byte
+	if pb != nil {
+		stored = pb.Get(e.ref)
+	}
+	inPending := stored != nil
 	inDead := db != nil && db.Get(e.ref) != nil
 	owed := e.owed
+	var rec []byte
+	if inPending && o != Delivered {
+		// The order key and place stay as stored, whatever d says.
+		seq, key, err := deliveryOrder(stored)
+		if err != nil {
+			return err
+		}
+		c := *d
+		c.OrderKey = string(key)
+		rec = encodeDelivery(&c, seq)
+	}
 	switch o {
 	case Retry:
 		if !inPending {
 			return nil
 		}
 		ch.stillPending = true
-		return pb.Put(e.ref, encodeDelivery(d))
+		return pb.Put(e.ref, rec)
 	case Dead:
 		if !inPending {
 			return nil
@@ -849,7 +893,7 @@ func settleTx(tx *bolt.Tx, d *Delivery, o Outcome, ch *change) error {
 		if err != nil {
 			return err
 		}
-		if err := db.Put(e.ref, encodeDelivery(d)); err != nil {
+		if err := db.Put(e.ref, rec); err != nil {
 			return err
 		}
 		e.owed--
@@ -902,11 +946,15 @@ func (s *Bolt) Retire(_ context.Context, target, reason string) (int, error) {
 			if err != nil {
 				return err
 			}
+			seq, _, err := deliveryOrder(v)
+			if err != nil {
+				return err
+			}
 			d.LastError = reason
 			if d.LastAttemptAt.IsZero() {
 				d.LastAttemptAt = now
 			}
-			if err := db.Put(bytes.Clone(k), encodeDelivery(d)); err != nil {
+			if err := db.Put(bytes.Clone(k), encodeDelivery(d, seq)); err != nil {
 				return err
 			}
 			n++
@@ -1005,7 +1053,8 @@ func (s *Bolt) DeadLetters(_ context.Context, target, cursor string, limit int) 
 }
 
 // deadRefs returns the refs of target's dead letters among ids (all of
-// them when ids is empty).
+// them when ids is empty), in ref order: replayed, those of one order key
+// go in their receipt order.
 func deadRefs(tx *bolt.Tx, b *bolt.Bucket, ids []ID) ([][]byte, error) {
 	var refs [][]byte
 	if len(ids) == 0 {
@@ -1021,13 +1070,18 @@ func deadRefs(tx *bolt.Tx, b *bolt.Bucket, ids []ID) ([][]byte, error) {
 			refs = append(refs, e.ref)
 		}
 	}
-	return refs, nil
+	slices.SortFunc(refs, bytes.Compare)
+	return slices.CompactFunc(refs, bytes.Equal), nil
 }
 
 // Replay implements DeadLetters.
 func (s *Bolt) Replay(_ context.Context, ids []ID, target string, keep func(string) bool) (int, error) {
 	now := s.now()
-	moved := map[string][]item{}
+	type queued struct {
+		items []item
+		keyed []keyedItem
+	}
+	moved := map[string]*queued{}
 	n, revived := 0, 0
 	err := s.submit(func(tx *bolt.Tx) error {
 		clear(moved)
@@ -1051,19 +1105,34 @@ func (s *Bolt) Replay(_ context.Context, ids []ID, target string, keep func(stri
 			if err != nil {
 				return err
 			}
+			mv := &queued{}
+			moved[t] = mv
 			for _, ref := range refs {
 				at, id, err := parseRef(ref)
 				if err != nil {
 					return err
 				}
-				d := Delivery{ID: id, Target: t, ReceivedAt: at, NextAt: now}
+				_, key, err := deliveryOrder(db.Get(ref))
+				if err != nil {
+					return err
+				}
+				d := Delivery{ID: id, Target: t, ReceivedAt: at, NextAt: now, OrderKey: string(key)}
+				var seq uint64
+				if d.OrderKey != "" {
+					// Behind what is pending for its key.
+					if seq, err = tx.Bucket(bucketPending).NextSequence(); err != nil {
+						return err
+					}
+					mv.keyed = append(mv.keyed, keyedItem{it: itemOf(&d), key: d.OrderKey, seq: seq})
+				} else {
+					mv.items = append(mv.items, itemOf(&d))
+				}
 				if err := db.Delete(ref); err != nil {
 					return err
 				}
-				if err := pb.Put(ref, encodeDelivery(&d)); err != nil {
+				if err := pb.Put(ref, encodeDelivery(&d, seq)); err != nil {
 					return err
 				}
-				moved[t] = append(moved[t], itemOf(&d))
 				n++
 				e, err := lookup(tx, id)
 				if err != nil {
@@ -1084,9 +1153,9 @@ func (s *Bolt) Replay(_ context.Context, ids []ID, target string, keep func(stri
 		}
 		return addPendingEvents(tx, revived)
 	}, func() {
-		for t, items := range moved {
-			s.qs.get(t).pushAll(items)
-			s.addDead(t, -len(items))
+		for t, mv := range moved {
+			s.qs.get(t).pushAll(mv.items, mv.keyed)
+			s.addDead(t, -len(mv.items)-len(mv.keyed))
 		}
 		s.pendingEvents.Add(int64(revived))
 	})

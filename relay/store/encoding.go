@@ -62,22 +62,76 @@ func fromUnixNano(n uint64) time.Time {
 	return time.Unix(0, int64(n))
 }
 
+// A delivery record: attempts, next attempt, first attempt, last attempt,
+// last status, the last error's length, the last error; then, for a
+// delivery with an order key only, its place in queue order and the key
+// (length first).
+//
+// The order is an extension that keeps the file at format 1: records
+// without a key are the bytes they always were, and a relay from before
+// reads a record with one (ignoring what follows the error) as unkeyed.
+const (
+	deliveryLen = 4 + 8 + 8 + 8 + 2 + 2
+	orderLen    = 8 + 2
+	// maxOrderKey bounds a stored key: a longer one is cut, which can
+	// only make two keys one, holding more in order, never less.
+	maxOrderKey = 1<<16 - 1
+)
+
 // encodeDelivery stores the per-target state; id, target and receipt time
-// live in the key and bucket name.
-func encodeDelivery(d *Delivery) []byte {
+// live in the key and bucket name. seq is the delivery's place in queue
+// order, kept only with an order key.
+func encodeDelivery(d *Delivery, seq uint64) []byte {
 	e := d.LastError
 	if len(e) > 1024 {
 		e = e[:1024]
 	}
-	b := make([]byte, 4+8+8+8+2+2+len(e))
+	key := d.OrderKey
+	if len(key) > maxOrderKey {
+		key = key[:maxOrderKey]
+	}
+	n := deliveryLen + len(e)
+	if key != "" {
+		n += orderLen + len(key)
+	}
+	b := make([]byte, n)
 	binary.BigEndian.PutUint32(b, uint32(d.Attempts))
 	binary.BigEndian.PutUint64(b[4:], unixNano(d.NextAt))
 	binary.BigEndian.PutUint64(b[12:], unixNano(d.FirstAttemptAt))
 	binary.BigEndian.PutUint64(b[20:], unixNano(d.LastAttemptAt))
 	binary.BigEndian.PutUint16(b[28:], uint16(d.LastStatus))
 	binary.BigEndian.PutUint16(b[30:], uint16(len(e)))
-	copy(b[32:], e)
+	copy(b[deliveryLen:], e)
+	if key != "" {
+		o := b[deliveryLen+len(e):]
+		binary.BigEndian.PutUint64(o, seq)
+		binary.BigEndian.PutUint16(o[8:], uint16(len(key)))
+		copy(o[orderLen:], key)
+	}
 	return b
+}
+
+// deliveryOrder reads a delivery record's place in queue order and order
+// key (0 and none for a record without a key), the key aliasing v.
+func deliveryOrder(v []byte) (seq uint64, key []byte, err error) {
+	if len(v) < deliveryLen {
+		return 0, nil, errCorrupt
+	}
+	end := deliveryLen + int(binary.BigEndian.Uint16(v[30:]))
+	switch {
+	case len(v) < end:
+		return 0, nil, errCorrupt
+	case len(v) == end:
+		return 0, nil, nil
+	case len(v) < end+orderLen:
+		return 0, nil, errCorrupt
+	}
+	o := v[end:]
+	n := int(binary.BigEndian.Uint16(o[8:]))
+	if len(o) < orderLen+n {
+		return 0, nil, errCorrupt
+	}
+	return binary.BigEndian.Uint64(o), o[orderLen : orderLen+n], nil
 }
 
 func decodeDelivery(target string, k, v []byte) (*Delivery, error) {
@@ -85,23 +139,22 @@ func decodeDelivery(target string, k, v []byte) (*Delivery, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(v) < 32 {
-		return nil, errCorrupt
+	_, key, err := deliveryOrder(v)
+	if err != nil {
+		return nil, err
 	}
 	n := int(binary.BigEndian.Uint16(v[30:]))
-	if len(v) < 32+n {
-		return nil, errCorrupt
-	}
 	return &Delivery{
 		ID:             id,
 		Target:         target,
 		ReceivedAt:     at,
 		Attempts:       int(binary.BigEndian.Uint32(v)),
 		NextAt:         fromUnixNano(binary.BigEndian.Uint64(v[4:])),
+		OrderKey:       string(key),
 		FirstAttemptAt: fromUnixNano(binary.BigEndian.Uint64(v[12:])),
 		LastAttemptAt:  fromUnixNano(binary.BigEndian.Uint64(v[20:])),
 		LastStatus:     int(binary.BigEndian.Uint16(v[28:])),
-		LastError:      string(v[32 : 32+n]),
+		LastError:      string(v[deliveryLen : deliveryLen+n]),
 	}, nil
 }
 
@@ -127,19 +180,25 @@ func decodeCursor(c string) (target string, ref []byte, err error) {
 }
 
 // decodeItem reads what a queue keeps of a pending delivery, without the
-// allocations of decodeDelivery: a restart may load a million.
-func decodeItem(k, v []byte) (item, error) {
-	if len(k) != refLen || len(v) < 32 {
-		return item{}, errCorrupt
+// allocations of decodeDelivery: a restart may load a million. key (nil
+// for none) aliases v.
+func decodeItem(k, v []byte) (it item, seq uint64, key []byte, err error) {
+	if len(k) != refLen || len(v) < deliveryLen {
+		return item{}, 0, nil, errCorrupt
 	}
-	it := item{
+	if len(v) != deliveryLen+int(binary.BigEndian.Uint16(v[30:])) {
+		if seq, key, err = deliveryOrder(v); err != nil {
+			return item{}, 0, nil, err
+		}
+	}
+	it = item{
 		due:      int64(binary.BigEndian.Uint64(v[4:])),
 		recv:     int64(binary.BigEndian.Uint64(k)),
 		first:    int64(binary.BigEndian.Uint64(v[12:])),
 		attempts: int32(binary.BigEndian.Uint32(v)),
 	}
 	copy(it.id[:], k[8:])
-	return it, nil
+	return it, seq, key, nil
 }
 
 // stateKey is a key state's key: its space, NUL, its key. A space with a

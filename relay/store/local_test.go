@@ -120,7 +120,7 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 }
 
 func newTestQueue(now func() time.Time) *localQueue {
-	return newLocalQueues(now).get("t")
+	return newLocalQueues(now, nil).get("t")
 }
 
 func (q *localQueue) waiting() int {
@@ -140,7 +140,7 @@ func taker(ctx context.Context, wg *sync.WaitGroup, q *localQueue, out chan<- ta
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		it, _, err := q.take(ctx)
+		it, _, _, err := q.take(ctx)
 		out <- taken{it, err}
 	}()
 }
@@ -158,14 +158,14 @@ func TestLocalQueueDueOrder(t *testing.T) {
 	q.push(item{due: testT0.Add(time.Hour).UnixNano(), id: testID(9)})
 	clock.Set(testT0.Add(10 * time.Second))
 	for i, want := range []int{1, 2, 5, 4, 3} {
-		it, _, err := q.take(context.Background())
+		it, _, _, err := q.take(context.Background())
 		if err != nil || it.id != testID(want) {
 			t.Fatalf("take %d = %s, %v; want %s", i+1, it.id, err, testID(want))
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if it, _, err := q.take(ctx); !errors.Is(err, context.DeadlineExceeded) {
+	if it, _, _, err := q.take(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("take handed out %s (%v) an hour early", it.id, err)
 	}
 	if n := q.count(); n != 6 {
@@ -193,7 +193,7 @@ func TestLocalQueueTimer(t *testing.T) {
 	q.push(item{due: start.Add(30 * time.Millisecond).UnixNano(), id: testID(1)})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	it, _, err := q.take(ctx)
+	it, _, _, err := q.take(ctx)
 	if err != nil || it.id != testID(1) {
 		t.Fatalf("take = %s, %v", it.id, err)
 	}
@@ -226,7 +226,7 @@ func TestLocalQueueOneWakePerItem(t *testing.T) {
 		t.Errorf("another taker returned: %+v", <-out)
 	}
 	// A batch wakes one, which passes the wake-up on while items are due.
-	q.pushAll([]item{{due: testT0.UnixNano(), id: testID(2)}, {due: testT0.UnixNano(), id: testID(3)}})
+	q.pushAll([]item{{due: testT0.UnixNano(), id: testID(2)}, {due: testT0.UnixNano(), id: testID(3)}}, nil)
 	got := map[ID]bool{}
 	for range 2 {
 		r := <-out
@@ -278,12 +278,12 @@ func TestLocalQueueRetire(t *testing.T) {
 	clock := newFakeClock(testT0)
 	q := newTestQueue(clock.Now)
 	defer q.close()
-	q.pushLoaded([]item{{due: testT0.UnixNano(), id: testID(1)}, {due: testT0.UnixNano(), id: testID(2)}})
-	old, oldEpoch, err := q.take(context.Background())
+	q.pushLoaded([]item{{due: testT0.UnixNano(), id: testID(1)}, {due: testT0.UnixNano(), id: testID(2)}}, nil)
+	old, _, oldEpoch, err := q.take(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := q.take(context.Background()); err != nil {
+	if _, _, _, err := q.take(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
@@ -300,27 +300,27 @@ func TestLocalQueueRetire(t *testing.T) {
 		}
 	}
 	wg.Wait()
-	if _, _, err := q.take(context.Background()); !errors.Is(err, ErrClosed) {
+	if _, _, _, err := q.take(context.Background()); !errors.Is(err, ErrClosed) {
 		t.Errorf("take on a retired queue: %v, want ErrClosed", err)
 	}
 	if n := q.count(); n != 3 {
 		t.Errorf("count before clear = %d, want 3 (still pending until the write)", n)
 	}
 	q.clear()
-	q.pushLoaded([]item{{due: testT0.UnixNano(), id: testID(4)}}) // the snapshot's, stale now
-	q.putBack(old, oldEpoch)                                      // a lease of the old epoch
-	q.release(oldEpoch)                                           // the other
+	q.pushLoaded([]item{{due: testT0.UnixNano(), id: testID(4)}}, nil) // the snapshot's, stale now
+	q.putBack(old, oldEpoch)                                           // a lease of the old epoch
+	q.release(old, oldEpoch)                                           // the other
 	if n := q.count(); n != 0 {
 		t.Errorf("count after clear and stale pushes = %d, want 0", n)
 	}
 	q.reopen()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if it, _, err := q.take(ctx); !errors.Is(err, context.DeadlineExceeded) {
+	if it, _, _, err := q.take(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("take on the reopened queue = %s, %v; want nothing", it.id, err)
 	}
 	q.push(item{due: testT0.UnixNano(), id: testID(5)})
-	if it, epoch, err := q.take(context.Background()); err != nil || it.id != testID(5) || epoch == oldEpoch {
+	if it, _, epoch, err := q.take(context.Background()); err != nil || it.id != testID(5) || epoch == oldEpoch {
 		t.Errorf("take after reopen = %s, epoch %d, %v", it.id, epoch, err)
 	}
 }

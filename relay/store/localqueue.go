@@ -2,9 +2,11 @@ package store
 
 import (
 	"bytes"
+	"cmp"
 	"container/heap"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -18,7 +20,20 @@ type item struct {
 	recv     int64
 	first    int64
 	attempts int32
-	id       ID
+	// key is the item's order key as an index into its queue's lines, 0
+	// for none. A number rather than the string: it fits where attempts
+	// leaves padding, and keeps items free of pointers, so that neither
+	// the size of a million of them nor the collector's work grows.
+	key uint32
+	id  ID
+}
+
+// keyedItem is an item with an order key, as a store hands it to its
+// queue: the key and the delivery's place in queue order.
+type keyedItem struct {
+	it  item
+	key string
+	seq uint64
 }
 
 func itemOf(d *Delivery) item {
@@ -72,13 +87,17 @@ func (h *itemHeap) Pop() any {
 // leased from it, exactly once.
 type localQueues struct {
 	now    func() time.Time
+	st     leaseSettler
 	mu     sync.Mutex
 	closed bool
-	m      map[string]*localQueue
+	// loading: the store is still queueing its backlog; queues made
+	// meanwhile start out loading.
+	loading bool
+	m       map[string]*localQueue
 }
 
-func newLocalQueues(now func() time.Time) *localQueues {
-	return &localQueues{now: now, m: map[string]*localQueue{}}
+func newLocalQueues(now func() time.Time, st leaseSettler) *localQueues {
+	return &localQueues{now: now, st: st, m: map[string]*localQueue{}}
 }
 
 // get returns target's queue, making it on first use: deliveries are
@@ -88,10 +107,20 @@ func (qs *localQueues) get(target string) *localQueue {
 	defer qs.mu.Unlock()
 	q := qs.m[target]
 	if q == nil {
-		q = &localQueue{target: target, now: qs.now, closed: qs.closed}
+		q = &localQueue{target: target, now: qs.now, st: qs.st, closed: qs.closed, loading: qs.loading}
 		qs.m[target] = q
 	}
 	return q
+}
+
+// loaded says that the backlog is queued, every target's.
+func (qs *localQueues) loaded() {
+	qs.mu.Lock()
+	defer qs.mu.Unlock()
+	qs.loading = false
+	for _, q := range qs.m {
+		q.loaded()
+	}
 }
 
 // close makes every Take, waiting or to come, return ErrClosed.
@@ -131,9 +160,19 @@ func (qs *localQueues) pending() map[string]int {
 // wait each on its own channel, and one item wakes one taker (a broadcast
 // would wake every idle worker on every ack). One timer, armed for the
 // earliest item not yet due, wakes a taker when it falls due.
+//
+// Items with an order key are also in their key's line, in queue order.
+// When the queue is ordered only a line's head (its earliest pending
+// delivery) may be in the heap as live; the others wait parked in the
+// line, or sit in the heap stale (they were there when ordering began)
+// and are parked when they come up. Items without a key never touch a
+// line.
 type localQueue struct {
 	target string
 	now    func() time.Time
+	// st records the outcomes of the queue's leases: here, not in each
+	// lease, which then stays in a smaller size class.
+	st leaseSettler
 
 	mu      sync.Mutex
 	h       itemHeap
@@ -147,13 +186,53 @@ type localQueue struct {
 	epoch   uint64
 	retired bool
 	closed  bool
+
+	ordered bool
+	// loading: the store's backlog for the target is not all queued
+	// yet, so a line's head may not be its earliest delivery: an ordered
+	// queue hands out none of its keyed items until it is.
+	loading bool
+	lines   []*keyLine // by item.key; lines[0] and freed ones are nil
+	lineOf  map[string]uint32
+	free    []uint32
+	parked  int // items waiting in lines, in no heap
 }
+
+// keyLine is one order key's pending deliveries at a target, in queue
+// order.
+type keyLine struct {
+	name    string
+	members []member // by seq
+	seqOf   map[ID]uint64
+}
+
+// member is a pending delivery in its key's line.
+type member struct {
+	seq uint64
+	// it is the item while parked; otherwise the heap or the lease holds
+	// it, and only its id is read here.
+	it item
+	at place
+}
+
+// place is where a keyed item is.
+type place uint8
+
+const (
+	// live: in the heap, handed out when due.
+	live place = iota
+	// stale: in the heap, but an earlier delivery of its key is pending:
+	// parked when it comes up.
+	stale
+	parked
+	leased
+)
 
 // count is the target's pending deliveries: queued or leased.
 func (q *localQueue) count() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.h) + q.leased
+	return len(q.h) + q.parked + q.leased
 }
 
 func (q *localQueue) push(it item) {
@@ -163,10 +242,19 @@ func (q *localQueue) push(it item) {
 	q.mu.Unlock()
 }
 
+func (q *localQueue) pushKeyed(ki keyedItem) {
+	q.mu.Lock()
+	q.addKeyedLocked(ki)
+	q.mu.Unlock()
+}
+
 // pushAll queues a batch of items.
-func (q *localQueue) pushAll(items []item) {
+func (q *localQueue) pushAll(items []item, keyed []keyedItem) {
 	q.mu.Lock()
 	q.pushAllLocked(items)
+	for _, ki := range keyed {
+		q.addKeyedLocked(ki)
+	}
 	q.mu.Unlock()
 }
 
@@ -189,12 +277,219 @@ func (q *localQueue) pushAllLocked(items []item) {
 // pushLoaded queues items of a snapshot taken when the store opened,
 // unless the queue was emptied since (the target retired: those
 // deliveries are dead letters now, and a replay queues them afresh).
-func (q *localQueue) pushLoaded(items []item) {
+func (q *localQueue) pushLoaded(items []item, keyed []keyedItem) {
 	q.mu.Lock()
 	if q.epoch == 0 {
 		q.pushAllLocked(items)
+		for _, ki := range keyed {
+			q.addKeyedLocked(ki)
+		}
 	}
 	q.mu.Unlock()
+}
+
+// loaded says that the target's backlog is all queued: its lines are
+// whole, and an ordered queue may hand out their heads.
+func (q *localQueue) loaded() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.loading {
+		return
+	}
+	q.loading = false
+	for _, l := range q.lines {
+		if l != nil {
+			q.promoteLocked(l)
+		}
+	}
+}
+
+// setOrdered switches ordering on or off, for what is queued too.
+func (q *localQueue) setOrdered(on bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ordered == on {
+		return
+	}
+	q.ordered = on
+	for _, l := range q.lines {
+		if l == nil {
+			continue
+		}
+		for i := range l.members {
+			m := &l.members[i]
+			switch {
+			case on && m.at == live:
+				m.at = stale // the head is made live again below
+			case !on && m.at == stale:
+				m.at = live
+				q.wakeOneLocked()
+			case !on && m.at == parked:
+				m.at = live
+				q.parked--
+				heap.Push(&q.h, m.it)
+				q.wakeOneLocked()
+			}
+		}
+		q.promoteLocked(l)
+	}
+}
+
+// addKeyedLocked queues an item with an order key in its line: live at
+// once unless ordering holds it back.
+func (q *localQueue) addKeyedLocked(ki keyedItem) {
+	k := q.lineLocked(ki.key)
+	l := q.lines[k]
+	it := ki.it
+	it.key = k
+	// Nearly always at the end: new deliveries come last in queue order,
+	// and a backlog loads in receipt order, close to it.
+	i, _ := slices.BinarySearchFunc(l.members, ki.seq, func(m member, seq uint64) int { return cmp.Compare(m.seq, seq) })
+	l.members = slices.Insert(l.members, i, member{seq: ki.seq, it: it, at: parked})
+	l.seqOf[it.id] = ki.seq
+	if !q.ordered {
+		l.members[i].at = live
+		heap.Push(&q.h, it)
+		q.wakeOneLocked()
+		return
+	}
+	q.parked++
+	if i == 0 && len(l.members) > 1 && l.members[1].at == live {
+		l.members[1].at = stale // no longer the head
+	}
+	q.promoteLocked(l)
+}
+
+// lineLocked returns the index of key's line, making it if need be.
+func (q *localQueue) lineLocked(key string) uint32 {
+	if k, ok := q.lineOf[key]; ok {
+		return k
+	}
+	l := &keyLine{name: key, seqOf: map[ID]uint64{}}
+	if q.lineOf == nil {
+		q.lineOf = map[string]uint32{}
+		q.lines = []*keyLine{nil}
+	}
+	var k uint32
+	if n := len(q.free); n > 0 {
+		k = q.free[n-1]
+		q.free = q.free[:n-1]
+		q.lines[k] = l
+	} else {
+		k = uint32(len(q.lines))
+		q.lines = append(q.lines, l)
+	}
+	q.lineOf[key] = k
+	return k
+}
+
+// promoteLocked makes a line's head live when the queue is ordered.
+func (q *localQueue) promoteLocked(l *keyLine) {
+	if !q.ordered || q.loading || len(l.members) == 0 {
+		return
+	}
+	m := &l.members[0]
+	switch m.at {
+	case parked:
+		m.at = live
+		q.parked--
+		heap.Push(&q.h, m.it)
+		q.wakeOneLocked()
+	case stale:
+		m.at = live
+		q.wakeOneLocked()
+	}
+}
+
+// find returns the index of id in l, or -1.
+func (l *keyLine) find(id ID) int {
+	if len(l.members) > 0 && l.members[0].it.id == id {
+		return 0
+	}
+	seq, ok := l.seqOf[id]
+	if !ok {
+		return -1
+	}
+	i, found := slices.BinarySearchFunc(l.members, seq, func(m member, seq uint64) int { return cmp.Compare(m.seq, seq) })
+	if !found {
+		return -1
+	}
+	return i
+}
+
+// claimLocked leases a keyed item that came up in the heap and returns
+// its key, or parks it and returns false when it is stale.
+func (q *localQueue) claimLocked(it item) (string, bool) {
+	l := q.lines[it.key]
+	if l == nil {
+		return "", true
+	}
+	i := l.find(it.id)
+	if i < 0 {
+		return l.name, true // not in its line: nothing to keep in order
+	}
+	m := &l.members[i]
+	if m.at == stale {
+		m.it, m.at = it, parked
+		q.parked++
+		return "", false
+	}
+	m.at = leased
+	return l.name, true
+}
+
+// endLocked ends a lease of it: requeue puts it back, due at it.due;
+// otherwise its delivery is no longer pending, and the next of its key
+// may become due.
+func (q *localQueue) endLocked(it item, requeue bool) {
+	q.leased--
+	if it.key == 0 {
+		if requeue {
+			heap.Push(&q.h, it)
+			q.wakeOneLocked()
+		}
+		return
+	}
+	l := q.lines[it.key]
+	i := -1
+	if l != nil {
+		i = l.find(it.id)
+	}
+	if i < 0 {
+		if requeue {
+			heap.Push(&q.h, it)
+			q.wakeOneLocked()
+		}
+		return
+	}
+	if requeue {
+		m := &l.members[i]
+		m.it = it
+		if !q.ordered || (i == 0 && !q.loading) {
+			m.at = live
+			heap.Push(&q.h, it)
+			q.wakeOneLocked()
+		} else {
+			m.at = parked
+			q.parked++
+		}
+		return
+	}
+	delete(l.seqOf, it.id)
+	if i == 0 {
+		l.members = l.members[1:]
+	} else {
+		l.members = slices.Delete(l.members, i, i+1)
+	}
+	if len(l.members) == 0 {
+		delete(q.lineOf, l.name)
+		q.lines[it.key] = nil
+		q.free = append(q.free, it.key)
+		return
+	}
+	if i == 0 {
+		q.promoteLocked(l)
+	}
 }
 
 func (q *localQueue) wakeOneLocked() {
@@ -234,6 +529,7 @@ func (q *localQueue) clear() {
 	q.mu.Lock()
 	q.h = nil
 	q.leased = 0
+	q.lines, q.lineOf, q.free, q.parked = nil, nil, nil, 0
 	q.epoch++
 	q.stopTimerLocked()
 	q.mu.Unlock()
@@ -283,28 +579,35 @@ func (q *localQueue) fire() {
 }
 
 // take waits for the earliest item to be due and leases it: it counts as
-// pending, leased, until release or putBack. It returns the epoch the
-// lease belongs to.
-func (q *localQueue) take(ctx context.Context) (item, uint64, error) {
+// pending, leased, until release or putBack. It returns the item's order
+// key and the epoch the lease belongs to.
+func (q *localQueue) take(ctx context.Context) (item, string, uint64, error) {
 	for {
 		if err := ctx.Err(); err != nil {
-			return item{}, 0, err
+			return item{}, "", 0, err
 		}
 		q.mu.Lock()
 		if q.closed || q.retired {
 			q.mu.Unlock()
-			return item{}, 0, ErrClosed
+			return item{}, "", 0, ErrClosed
 		}
 		n := q.now().UnixNano()
-		if len(q.h) > 0 && q.h[0].due <= n {
+		for len(q.h) > 0 && q.h[0].due <= n {
 			it := heap.Pop(&q.h).(item)
+			var key string
+			if it.key != 0 {
+				var ok bool
+				if key, ok = q.claimLocked(it); !ok {
+					continue
+				}
+			}
 			q.leased++
 			if len(q.h) > 0 && q.h[0].due <= n {
 				q.wakeOneLocked() // more are due: let another idle taker have one
 			}
 			epoch := q.epoch
 			q.mu.Unlock()
-			return it, epoch, nil
+			return it, key, epoch, nil
 		}
 		if len(q.h) > 0 {
 			q.armLocked(q.h[0].due, n)
@@ -316,7 +619,7 @@ func (q *localQueue) take(ctx context.Context) (item, uint64, error) {
 		case <-w:
 		case <-ctx.Done():
 			q.leave(w)
-			return item{}, 0, ctx.Err()
+			return item{}, "", 0, ctx.Err()
 		}
 	}
 }
@@ -335,11 +638,11 @@ func (q *localQueue) leave(w chan struct{}) {
 	q.wakeOneLocked()
 }
 
-// release ends a lease whose delivery is no longer pending.
-func (q *localQueue) release(epoch uint64) {
+// release ends a lease of it whose delivery is no longer pending.
+func (q *localQueue) release(it item, epoch uint64) {
 	q.mu.Lock()
 	if epoch == q.epoch {
-		q.leased--
+		q.endLocked(it, false)
 	}
 	q.mu.Unlock()
 }
@@ -348,9 +651,7 @@ func (q *localQueue) release(epoch uint64) {
 func (q *localQueue) putBack(it item, epoch uint64) {
 	q.mu.Lock()
 	if epoch == q.epoch {
-		q.leased--
-		heap.Push(&q.h, it)
-		q.wakeOneLocked()
+		q.endLocked(it, true)
 	}
 	q.mu.Unlock()
 }
@@ -369,9 +670,9 @@ var errSettling = errors.New("lease is being settled")
 type localLease struct {
 	q     *localQueue
 	it    item
+	key   string // the order key
 	epoch uint64
 	ev    *Event
-	st    leaseSettler
 	state int // guarded by q.mu
 }
 
@@ -381,7 +682,11 @@ type leaseSettler interface {
 	settleLease(l *localLease, o Outcome, d *Delivery, then func(error))
 }
 
-func (l *localLease) Delivery() Delivery { return l.it.delivery(l.q.target) }
+func (l *localLease) Delivery() Delivery {
+	d := l.it.delivery(l.q.target)
+	d.OrderKey = l.key
+	return d
+}
 
 func (l *localLease) Event() *Event { return l.ev }
 
@@ -410,8 +715,8 @@ func (l *localLease) Settle(o Outcome, d *Delivery, then func(error)) {
 	}
 	// The delivery is the lease's, whatever d says of its identity.
 	c := *d
-	c.ID, c.Target, c.ReceivedAt = l.it.id, l.q.target, time.Unix(0, l.it.recv)
-	l.st.settleLease(l, o, &c, then)
+	c.ID, c.Target, c.ReceivedAt, c.OrderKey = l.it.id, l.q.target, time.Unix(0, l.it.recv), l.key
+	l.q.st.settleLease(l, o, &c, then)
 }
 
 // settled applies a durable outcome to the queue: a retry is queued
@@ -429,12 +734,13 @@ func (l *localLease) settled(o Outcome, d *Delivery, stillPending bool, err erro
 	if l.epoch != q.epoch {
 		return
 	}
-	q.leased--
 	if o == Retry && stillPending {
 		it := itemOf(d)
-		heap.Push(&q.h, it)
-		q.wakeOneLocked()
+		it.key = l.it.key
+		q.endLocked(it, true)
+		return
 	}
+	q.endLocked(l.it, false)
 }
 
 // Postpone implements Lease.
@@ -449,11 +755,9 @@ func (l *localLease) Postpone(at time.Time) {
 	if l.epoch != q.epoch {
 		return
 	}
-	q.leased--
 	it := l.it
 	it.due = at.UnixNano()
-	heap.Push(&q.h, it)
-	q.wakeOneLocked()
+	q.endLocked(it, true)
 }
 
 // localTaker is what Queues.Queue returns: a target's queue, taken from
@@ -465,6 +769,29 @@ type localTaker struct {
 
 // Take implements Queue.
 func (t localTaker) Take(ctx context.Context) (Lease, error) { return t.take(ctx, t.q) }
+
+// targetKeys checks an Accept's order keys against its targets and drops
+// repeated targets from both (the first one stands); keys is nil when no
+// target has one.
+func targetKeys(targets, keys []string) ([]string, []string, error) {
+	if keys == nil {
+		return uniqueTargets(targets), nil, nil
+	}
+	if len(keys) != len(targets) {
+		return nil, nil, fmt.Errorf("%d order keys for %d targets", len(keys), len(targets))
+	}
+	if !slices.ContainsFunc(keys, func(k string) bool { return k != "" }) {
+		return uniqueTargets(targets), nil, nil
+	}
+	var outT, outK []string
+	for i, t := range targets {
+		if !slices.Contains(outT, t) {
+			outT = append(outT, t)
+			outK = append(outK, keys[i])
+		}
+	}
+	return outT, outK, nil
+}
 
 // uniqueTargets drops repeated names: an event is owed once per target.
 func uniqueTargets(targets []string) []string {

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"sort"
 	"sync"
 	"time"
@@ -29,6 +30,7 @@ type Memory struct {
 	dead          map[string]map[ID]*Delivery
 	states        map[string]*memState
 	rev           uint64 // the last revision given to a key state
+	seq           uint64 // the last place in queue order given to a keyed delivery
 	pendingEvents int
 }
 
@@ -49,15 +51,16 @@ func NewMemory(opts MemoryOptions) *Memory {
 	if now == nil {
 		now = time.Now
 	}
-	return &Memory{
+	s := &Memory{
 		now:     now,
-		qs:      newLocalQueues(now),
 		events:  map[ID]*memEvent{},
 		keys:    map[ID]time.Time{},
 		pending: map[string]map[ID]*Delivery{},
 		dead:    map[string]map[ID]*Delivery{},
 		states:  map[string]*memState{},
 	}
+	s.qs = newLocalQueues(now, s)
+	return s
 }
 
 func (s *Memory) lock() error {
@@ -92,7 +95,10 @@ func (s *Memory) seen(id ID, now time.Time) bool {
 
 // Accept implements Intake.
 func (s *Memory) Accept(_ context.Context, ev *Event, targets []string, opts AcceptOptions) (bool, error) {
-	targets = uniqueTargets(targets)
+	targets, keys, err := targetKeys(targets, opts.OrderKeys)
+	if err != nil {
+		return false, fmt.Errorf("accepting event %s: %w", ev.ID, err)
+	}
 	if err := s.lock(); err != nil {
 		return false, err
 	}
@@ -113,15 +119,25 @@ func (s *Memory) Accept(_ context.Context, ev *Event, targets []string, opts Acc
 	e.ev.Body = bytes.Clone(ev.Body)
 	s.events[ev.ID] = e
 	s.pendingEvents++
-	for _, t := range targets {
+	if keys != nil {
+		s.seq++
+	}
+	for i, t := range targets {
 		m := s.pending[t]
 		if m == nil {
 			m = map[ID]*Delivery{}
 			s.pending[t] = m
 		}
 		d := &Delivery{ID: ev.ID, Target: t, ReceivedAt: ev.ReceivedAt, NextAt: ev.ReceivedAt}
+		if keys != nil {
+			d.OrderKey = keys[i]
+		}
 		m[ev.ID] = d
-		s.qs.get(t).push(itemOf(d))
+		if d.OrderKey == "" {
+			s.qs.get(t).push(itemOf(d))
+		} else {
+			s.qs.get(t).pushKeyed(keyedItem{it: itemOf(d), key: d.OrderKey, seq: s.seq})
+		}
 	}
 	return false, nil
 }
@@ -157,19 +173,20 @@ func (s *Memory) ExpireKeys(_ context.Context, now time.Time) (int, error) {
 }
 
 // Queue implements Queues.
-func (s *Memory) Queue(target string, _ QueueOptions) (Queue, error) {
+func (s *Memory) Queue(target string, opts QueueOptions) (Queue, error) {
 	if err := s.lock(); err != nil {
 		return nil, err
 	}
 	defer s.mu.Unlock()
 	q := s.qs.get(target)
+	q.setOrdered(opts.Ordered)
 	q.reopen()
 	return localTaker{q: q, take: s.take}, nil
 }
 
 func (s *Memory) take(ctx context.Context, q *localQueue) (Lease, error) {
 	for {
-		it, epoch, err := q.take(ctx)
+		it, key, epoch, err := q.take(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -182,13 +199,13 @@ func (s *Memory) take(ctx context.Context, q *localQueue) (Lease, error) {
 		_, pending := s.pending[q.target][it.id]
 		if e == nil || !pending {
 			s.mu.Unlock()
-			q.release(epoch)
+			q.release(it, epoch)
 			continue
 		}
 		ev := e.ev
 		ev.Body = bytes.Clone(ev.Body)
 		s.mu.Unlock()
-		return &localLease{q: q, it: it, epoch: epoch, ev: &ev, st: s}, nil
+		return &localLease{q: q, it: it, key: key, epoch: epoch, ev: &ev}, nil
 	}
 }
 
@@ -372,15 +389,18 @@ func (s *Memory) Replay(_ context.Context, ids []ID, target string, keep func(st
 		if (target != "" && t != target) || (keep != nil && !keep(t)) {
 			continue
 		}
+		// In receipt order, as listed: the order those of one key go in.
 		var move []*Delivery
 		if len(ids) == 0 {
 			move = sortedDeliveries(s.dead[t])
 		} else {
+			m := map[ID]*Delivery{}
 			for _, id := range ids {
 				if d := s.dead[t][id]; d != nil {
-					move = append(move, d)
+					m[id] = d
 				}
 			}
+			move = sortedDeliveries(m)
 		}
 		if len(move) == 0 {
 			continue
@@ -388,10 +408,11 @@ func (s *Memory) Replay(_ context.Context, ids []ID, target string, keep func(st
 		if s.pending[t] == nil {
 			s.pending[t] = map[ID]*Delivery{}
 		}
-		items := make([]item, 0, len(move))
+		var items []item
+		var keyed []keyedItem
 		for _, d := range move {
 			delete(s.dead[t], d.ID)
-			nd := &Delivery{ID: d.ID, Target: t, ReceivedAt: d.ReceivedAt, NextAt: now}
+			nd := &Delivery{ID: d.ID, Target: t, ReceivedAt: d.ReceivedAt, NextAt: now, OrderKey: d.OrderKey}
 			s.pending[t][d.ID] = nd
 			if e := s.events[d.ID]; e != nil {
 				if e.owed == 0 {
@@ -400,10 +421,16 @@ func (s *Memory) Replay(_ context.Context, ids []ID, target string, keep func(st
 				e.owed++
 				e.dead--
 			}
-			items = append(items, itemOf(nd))
+			if nd.OrderKey == "" {
+				items = append(items, itemOf(nd))
+			} else {
+				// Behind what is pending for its key.
+				s.seq++
+				keyed = append(keyed, keyedItem{it: itemOf(nd), key: nd.OrderKey, seq: s.seq})
+			}
 			moved++
 		}
-		s.qs.get(t).pushAll(items)
+		s.qs.get(t).pushAll(items, keyed)
 	}
 	return moved, nil
 }

@@ -64,7 +64,7 @@ func (s *Store) fetchPending(ctx context.Context, obj *objects) (int, error) {
 func distinctEvents(subjects map[string]uint64) int {
 	events := map[store.ID]bool{}
 	for subj := range subjects {
-		if _, id, err := splitSubject(subj); err == nil {
+		if _, _, id, err := splitSubject(subj); err == nil {
 			events[id] = true
 		}
 	}
@@ -197,7 +197,9 @@ func (s *Store) fetchCounts(ctx context.Context, obj *objects) (store.Counts, er
 			return store.Counts{}, err
 		}
 		for subj := range info.State.Subjects {
-			toks[subjectToken(subj)] = true
+			if tok := subjectToken(subj); tok != "" {
+				toks[tok] = true
+			}
 		}
 		c.PendingEvents = distinctEvents(info.State.Subjects)
 	}
@@ -209,7 +211,9 @@ func (s *Store) fetchCounts(ctx context.Context, obj *objects) (store.Counts, er
 			return store.Counts{}, err
 		}
 		for subj := range dinfo.State.Subjects {
-			toks[subjectToken(subj)] = true
+			if tok := subjectToken(subj); tok != "" {
+				toks[tok] = true
+			}
 		}
 	}
 	for tok := range toks {
@@ -236,19 +240,4 @@ func (s *Store) fetchCounts(ctx context.Context, obj *objects) (store.Counts, er
 		}
 	}
 	return c, nil
-}
-
-// subjectToken is the target token of a pending or dead subject: the
-// next to last.
-func subjectToken(subj string) string {
-	end := len(subj)
-	for i := len(subj) - 1; i >= 0; i-- {
-		if subj[i] == '.' {
-			if end != len(subj) {
-				return subj[i+1 : end]
-			}
-			end = i
-		}
-	}
-	return ""
 }

@@ -35,7 +35,7 @@ func (s *Store) deadFilterFor(id *store.ID, target string) string {
 }
 
 func decodeDead(m rawMsg) (store.DeadLetter, error) {
-	target, id, err := splitSubject(m.subject)
+	target, _, id, err := splitSubject(m.subject)
 	if err != nil {
 		return store.DeadLetter{}, err
 	}
@@ -93,11 +93,13 @@ func (s *Store) DeadLetters(ctx context.Context, target, cursor string, limit in
 
 // Replay implements store.Store. Each dead letter becomes a new delivery
 // message with the message id <event>.<target>.r<dead letter sequence>,
-// published only if the pair has no delivery pending, and is then purged
-// up to its own sequence: a retried replay stores nothing twice, and a
-// dead letter written again meanwhile stays. They are replayed oldest
-// receipt first, so that they are taken (and counted in OldestPending) in
-// that order.
+// with the order key it had, published only if the pair has no delivery
+// pending on that subject (see pendingSubject), and is then purged up to
+// its own sequence: a retried replay stores nothing twice, and a dead
+// letter written again meanwhile stays. They are replayed oldest receipt
+// first, so that they are taken (and counted in OldestPending) in that
+// order; a replay with an order key is the last of its key, behind what
+// is pending.
 func (s *Store) Replay(ctx context.Context, ids []store.ID, target string, keep func(target string) bool) (int, error) {
 	obj, err := s.ready()
 	if err != nil {
@@ -128,7 +130,7 @@ func (s *Store) Replay(ctx context.Context, ids []store.ID, target string, keep 
 				return 0, unavailable("reading dead letters", err)
 			}
 			for _, m := range msgs {
-				tgt, id, err := splitSubject(m.subject)
+				tgt, _, id, err := splitSubject(m.subject)
 				if err != nil || seen[m.seq] || keep != nil && !keep(tgt) {
 					continue
 				}
@@ -184,7 +186,7 @@ func (s *Store) replayOne(ctx context.Context, obj *objects, dl store.DeadLetter
 	}
 	ev := &store.Event{ID: dl.ID, ReceivedAt: dl.ReceivedAt, ContentType: dl.ContentType, Body: dl.Body}
 	msgID := dl.ID.String() + "." + tok + ".r" + strconv.FormatUint(seq, 10)
-	if _, err := s.publishDelivery(ctx, ev, tok, msgID); err != nil {
+	if _, err := s.publishDelivery(ctx, ev, tok, dl.OrderKey, msgID); err != nil {
 		return 0, unavailable("replaying dead letter", err)
 	}
 	moved, err := purge(ctx, s.nc, s.n.dead, s.n.deadSubject(tok, dl.ID), seq+1)

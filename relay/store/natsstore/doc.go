@@ -7,12 +7,17 @@
 // What lives where, for a stream S:
 //
 //   - S (work queue): one message per (event, target) on S.d.<target>.<event id>,
-//     the event's body with its receipt time and content type in headers.
-//     Each target has a durable pull consumer named after it, shared by
+//     or S.d.<target>.<key>.<event id> for a delivery with an order key
+//     (the key's hash; the key itself in a header), the event's body with
+//     its receipt time and content type in headers. Each target has a
+//     durable pull consumer named after it, filtering both, shared by
 //     every instance: one instance at a time holds a delivery, for the
-//     queue's lease (AckWait); a lease that lapses goes to another.
+//     queue's lease (AckWait); a lease that lapses goes to another. An
+//     ordered queue hands out a keyed delivery only while it is the first
+//     message of its key's subjects (order.go).
 //   - S_DEAD (limits, one message per subject): dead letters on
-//     S_DEAD.<target>.<event id>, the body and the delivery's attempt state.
+//     S_DEAD.<target>.<event id>, the body and the delivery's attempt state
+//     and order key.
 //   - S_KEYS: dedupe keys (event id -> expiry), with per-key TTLs.
 //   - S_ATTEMPTS: a delivery's attempts and next attempt, once it has
 //     any, keyed <target>.<event id>. Attempts are the relay's, never the

@@ -54,14 +54,16 @@ type MigrateSummary struct {
 // Idempotence rests on the natural ids, not on the stream's Nats-Msg-Id
 // window, and goes event by event, oldest first:
 //
-//   - a pending delivery is published to its (target, event) subject,
-//     expecting no message there yet: one already there is skipped. One
+//   - a pending delivery is published to its (target, event) subject
+//     (with its order key, if any: see pendingSubject), expecting no
+//     message there yet: one already there is skipped. One
 //     with attempts gets its attempt record first, and the record in its
 //     Relay-Delivery header too, so that no taker counts its attempts from
 //     zero; its record is only written while its subject is empty, so a
 //     record the relay has updated since an earlier run stays;
 //   - a dead letter is published to its (target, event) subject in the
-//     dead-letter stream, expecting none there yet;
+//     dead-letter stream, expecting none there yet, its order key in its
+//     record;
 //   - last, the event's key: its own, with its expiry, when it has one
 //     unexpired; else a key whose stored expiry is already past, which no
 //     relay counts as seen (the stored expiry decides) and which intake
@@ -242,8 +244,14 @@ func (m *migration) pending(ctx context.Context, obj *objects, e *store.StoredEv
 	s := m.to
 	ctx, cancel := s.bounded(ctx)
 	defer cancel()
-	tok := token(d.Target)
-	msg := eventMsg(s.n.pendingSubject(tok, e.ID), e)
+	tok, keyTok := token(d.Target), ""
+	if d.OrderKey != "" {
+		keyTok = keyToken(d.OrderKey)
+	}
+	msg := eventMsg(s.n.pendingSubject(tok, keyTok, e.ID), e)
+	if d.OrderKey != "" {
+		msg.Header.Set(hdrOrderKey, encodeOrderKey(d.OrderKey))
+	}
 	if now := m.now(); hasState(d, now) {
 		// Not over a record the relay keeps for a delivery already
 		// there: it may have made attempts since.

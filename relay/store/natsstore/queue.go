@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -27,6 +28,11 @@ const (
 	// recordKeep keeps an attempt record this long past its next attempt,
 	// so that one orphaned by a crash between ack and delete goes too.
 	recordKeep = 30 * 24 * time.Hour
+	// filterCheck is how often a queue checks that its consumer still
+	// filters what this release stores: an instance of a release from
+	// before order keys sets the consumer's filter to deliveries without
+	// one when it (re)creates it.
+	filterCheck = 30 * time.Second
 )
 
 // queue is one target's consumer as seen by this instance: a fetch loop
@@ -44,8 +50,14 @@ type queue struct {
 
 	mu      sync.Mutex
 	lease   time.Duration
+	ordered bool
 	cons    jetstream.Consumer // nil until ensured, or after the server lost it
 	dirty   bool               // lease changed since the consumer was ensured
+	checked time.Time          // when the consumer's filter was last checked
+	held    map[string]heldKey // by key token (see claim)
+	parked  parkedLeases       // by key token, one each (see claim)
+	asking  int                // fetched leases the server is being asked about
+	asks    sync.WaitGroup     // their goroutines
 	waiters int
 	ready   []*lease
 	avail   chan struct{} // closed when ready gains a lease or the queue stops
@@ -70,6 +82,7 @@ func (s *Store) Queue(target string, opts store.QueueOptions) (store.Queue, erro
 	}
 	if q := s.queues[target]; q != nil {
 		q.mu.Lock()
+		q.setOrderedLocked(opts.Ordered)
 		changed := q.lease != lease
 		if changed {
 			q.lease, q.dirty = lease, true
@@ -88,15 +101,18 @@ func (s *Store) Queue(target string, opts store.QueueOptions) (store.Queue, erro
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	q := &queue{
-		s:      s,
-		target: target,
-		tok:    token(target),
-		ctx:    ctx,
-		cancel: cancel,
-		demand: make(chan struct{}, 1),
-		done:   make(chan struct{}),
-		lease:  lease,
-		avail:  make(chan struct{}),
+		s:       s,
+		target:  target,
+		tok:     token(target),
+		ctx:     ctx,
+		cancel:  cancel,
+		demand:  make(chan struct{}, 1),
+		done:    make(chan struct{}),
+		lease:   lease,
+		ordered: opts.Ordered,
+		held:    map[string]heldKey{},
+		parked:  parkedLeases{},
+		avail:   make(chan struct{}),
 	}
 	s.queues[target] = q
 	s.wg.Add(1)
@@ -137,6 +153,10 @@ func (q *queue) shut() {
 	q.stopped = true
 	left := q.ready
 	q.ready = nil
+	for k, l := range q.parked {
+		left = append(left, l)
+		delete(q.parked, k)
+	}
 	close(q.avail)
 	q.mu.Unlock()
 	select {
@@ -144,6 +164,7 @@ func (q *queue) shut() {
 	default:
 	}
 	for _, l := range left {
+		l.q.release(l)
 		_ = l.m.Nak()
 	}
 }
@@ -160,8 +181,9 @@ func (q *queue) Take(ctx context.Context) (store.Lease, error) {
 			l := q.ready[0]
 			q.ready[0] = nil
 			q.ready = q.ready[1:]
+			lease := q.lease
 			q.mu.Unlock()
-			if time.Since(l.fetched) > time.Second {
+			if time.Since(l.fetched) > min(time.Second, lease/4) {
 				// It waited here: give the taker the whole lease.
 				_ = l.m.InProgress()
 			}
@@ -201,6 +223,7 @@ func (q *queue) want() (n int, idle, stopped bool) {
 	keep := q.ready[:0]
 	for _, l := range q.ready {
 		if time.Since(l.fetched) > q.lease/2 {
+			q.releaseLocked(l)
 			_ = l.m.Nak()
 			continue
 		}
@@ -208,12 +231,22 @@ func (q *queue) want() (n int, idle, stopped bool) {
 	}
 	clear(q.ready[len(keep):])
 	q.ready = keep
-	return min(q.waiters-len(q.ready), fetchBatch), len(q.ready) == 0, false
+	for k, l := range q.parked {
+		if time.Since(l.fetched) > q.lease/4 {
+			delete(q.parked, k)
+			_ = l.m.NakWithDelay(orderBackoff(l.looks(), q.waitMaxLocked()))
+		}
+	}
+	// Leases being asked about count only beyond one per waiting Take:
+	// the questions' round trips are then under way while the Takes are
+	// served, instead of after.
+	return min(q.waiters-len(q.ready)-max(q.asking-q.waiters, 0), fetchBatch), len(q.ready) == 0 && len(q.parked) == 0, false
 }
 
 func (q *queue) run() {
 	defer q.s.wg.Done()
 	defer close(q.done)
+	defer q.asks.Wait()
 	defer q.cancel()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -264,13 +297,15 @@ func (q *queue) consumer() jetstream.Consumer {
 		return nil
 	}
 	q.mu.Lock()
-	c, dirty, lease := q.cons, q.dirty, q.lease
+	c, dirty, lease, checked := q.cons, q.dirty, q.lease, q.checked
 	q.mu.Unlock()
-	if c != nil && !dirty {
-		return c
-	}
 	ctx, cancel := s.bounded(q.ctx)
 	defer cancel()
+	if c != nil && !dirty {
+		if time.Since(checked) < filterCheck || q.filterOK(ctx, c) {
+			return c
+		}
+	}
 	err = unanswered(ctx, func(ctx context.Context) (err error) {
 		c, err = obj.stream.CreateOrUpdateConsumer(ctx, s.consumerConfig(q.tok, lease))
 		return err
@@ -288,12 +323,31 @@ func (q *queue) consumer() jetstream.Consumer {
 		return nil
 	}
 	q.mu.Lock()
-	q.cons, q.lastErr = c, ""
+	q.cons, q.lastErr, q.checked = c, "", time.Now()
 	if q.lease == lease {
 		q.dirty = false
 	}
 	q.mu.Unlock()
 	return c
+}
+
+// filterOK reports whether c still filters what this release stores; a
+// consumer it cannot read now counts as fine (the pull will tell).
+func (q *queue) filterOK(ctx context.Context, c jetstream.Consumer) bool {
+	q.mu.Lock()
+	q.checked = time.Now()
+	q.mu.Unlock()
+	info, err := c.Info(ctx)
+	if err != nil {
+		return true
+	}
+	want := q.s.n.pendingFilter(q.tok)
+	if cfg := info.Config; cfg.FilterSubject == want && len(cfg.FilterSubjects) == 0 || slices.Equal(cfg.FilterSubjects, []string{want}) {
+		return true
+	}
+	q.s.log.Warn("nats consumer filter changed, probably by an instance of an earlier release: setting it again",
+		zap.String("target", q.target), zap.String("filter", info.Config.FilterSubject), zap.Strings("filters", info.Config.FilterSubjects), zap.String("want", want))
+	return false
 }
 
 func (q *queue) pause(d time.Duration) {
@@ -312,8 +366,12 @@ func (q *queue) fetch(cons jetstream.Consumer, n int) {
 	batch, err := cons.Fetch(n, jetstream.FetchContext(ctx), jetstream.FetchHeartbeat(time.Second))
 	if err == nil {
 		for m := range batch.Messages() {
-			if l := q.prepare(m); l != nil {
+			switch l, ask := q.prepare(m); {
+			case l == nil:
+			case !ask:
 				q.push(l)
+			default:
+				q.ask(l)
 			}
 		}
 		err = batch.Error()
@@ -331,9 +389,65 @@ func (q *queue) fetch(cons jetstream.Consumer, n int) {
 	}
 }
 
+// ask checks l (see check) in a goroutine of its own, and readies it
+// if it passes: one at a time, the server's round trips would pace the
+// queue. The loop counts it as readied meanwhile, and pulls again if it
+// goes back or waits. A delivery behind the head of its key waits here
+// for the first few looks, rather than going back to the server and
+// coming again: that would be two more messages each time.
+func (q *queue) ask(l *lease) {
+	q.mu.Lock()
+	q.askLocked(l)
+	q.mu.Unlock()
+}
+
+func (q *queue) askLocked(l *lease) {
+	q.asking++
+	q.asks.Go(func() {
+		for {
+			ok, again := q.check(l)
+			q.mu.Lock()
+			q.asking--
+			q.mu.Unlock()
+			if ok {
+				q.push(l)
+				return
+			}
+			q.poke()
+			if again <= 0 {
+				return
+			}
+			t := time.NewTimer(again)
+			select {
+			case <-t.C:
+			case <-q.ctx.Done():
+				t.Stop()
+			}
+			q.mu.Lock()
+			if q.stopped || q.ctx.Err() != nil {
+				q.releaseLocked(l)
+				q.mu.Unlock()
+				_ = l.m.Nak()
+				return
+			}
+			q.asking++
+			q.mu.Unlock()
+		}
+	})
+}
+
+// poke has the loop look at what is wanted again.
+func (q *queue) poke() {
+	select {
+	case q.demand <- struct{}{}:
+	default:
+	}
+}
+
 func (q *queue) push(l *lease) {
 	q.mu.Lock()
 	if q.stopped {
+		q.releaseLocked(l)
 		q.mu.Unlock()
 		_ = l.m.Nak()
 		return
@@ -344,74 +458,125 @@ func (q *queue) push(l *lease) {
 	q.mu.Unlock()
 }
 
-// prepare turns a fetched message into a lease, or puts it back: a
-// message redelivered before its next attempt is due (a restarted server
-// forgets the delay of a nak) waits out the rest without an attempt.
-func (q *queue) prepare(m jetstream.Msg) *lease {
+// prepare turns a fetched message into a lease, or puts it back (nil).
+// ask says that the server is to be asked about it (check) before it is
+// readied: in an ordered queue whether it is the head of its key (see
+// order.go), and for a redelivery its attempt record. What needs no
+// question is readied in the order fetched.
+func (q *queue) prepare(m jetstream.Msg) (l *lease, ask bool) {
 	s := q.s
 	md, err := m.Metadata()
 	if err != nil {
 		s.log.Warn("nats message without metadata", zap.String("target", q.target), zap.Error(err))
-		return nil
+		return nil, false
 	}
-	_, id, err := splitSubject(m.Subject())
+	_, keyTok, id, err := splitSubject(m.Subject())
 	if err != nil {
 		// Not a message this package wrote: it would come back forever.
 		s.log.Warn("nats message not a delivery, dropped", zap.String("subject", m.Subject()))
 		_ = m.TermWithReason("not a webhook-relay delivery")
-		return nil
+		return nil, false
 	}
 	h := m.Headers()
 	at := receivedAt(h)
-	l := &lease{
+	orderKey := ""
+	if keyTok != "" {
+		orderKey = decodeOrderKey(h.Get(hdrOrderKey))
+	}
+	l = &lease{
 		q:       q,
 		m:       m,
 		fetched: time.Now(),
 		// A delivery copied from another store with its attempts
 		// (migrate) has a record before its first delivery, and says
 		// so in a header.
-		again: md.NumDelivered > 1 || h.Get(hdrDelivery) != "",
-		seq:   md.Sequence.Stream,
-		d:     store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at},
-		ev:    store.Event{ID: id, ReceivedAt: at, ContentType: h.Get(hdrContentType), Body: m.Data()},
+		again:     md.NumDelivered > 1 || h.Get(hdrDelivery) != "",
+		seq:       md.Sequence.Stream,
+		delivered: md.NumDelivered,
+		keyTok:    keyTok,
+		d:         store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at, OrderKey: orderKey},
+		ev:        store.Event{ID: id, ReceivedAt: at, ContentType: h.Get(hdrContentType), Body: m.Data()},
 	}
-	if !l.again {
-		return l
+	q.mu.Lock()
+	l.ordered = q.ordered && keyTok != ""
+	q.mu.Unlock()
+	if l.ordered && !q.claim(l) {
+		return nil, false
+	}
+	return l, l.ordered || l.again
+}
+
+// check asks the server what prepare could not tell about l, and says
+// to ready it (true), to look again after again, or (neither) that it
+// went back.
+func (q *queue) check(l *lease) (ok bool, again time.Duration) {
+	s := q.s
+	q.mu.Lock()
+	if l.ordered && !q.ordered {
+		// No longer ordered since it was fetched.
+		q.releaseLocked(l)
+		l.ordered = false
+	}
+	q.mu.Unlock()
+	putBack := func(d time.Duration) (bool, time.Duration) {
+		q.release(l)
+		_ = l.m.NakWithDelay(d)
+		return false, 0
 	}
 	obj, err := s.ready()
 	if err != nil {
-		_ = m.NakWithDelay(time.Second)
-		return nil
+		return putBack(time.Second)
 	}
 	ctx, cancel := s.bounded(q.ctx)
 	defer cancel()
-	e, err := obj.attempts.Get(ctx, attemptKey(q.tok, id))
+	if l.ordered {
+		wait, err := q.headWait(ctx, obj, l)
+		if err != nil {
+			s.log.Debug("nats order check", zap.String("target", q.target), zap.Error(err))
+			return putBack(time.Second)
+		}
+		if wait > 0 {
+			if l.waits < orderWaitsHere && wait <= orderWaitMax {
+				l.waits++
+				return false, wait
+			}
+			return putBack(wait)
+		}
+	}
+	if !l.again {
+		return true, 0
+	}
+	e, err := obj.attempts.Get(ctx, attemptKey(q.tok, l.d.ID))
 	var rec []byte
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound):
 		// A copied delivery whose record is gone: its header is the
 		// best there is.
-		if hr := h.Get(hdrDelivery); hr != "" {
+		if hr := l.m.Headers().Get(hdrDelivery); hr != "" {
 			rec = []byte(hr)
 		}
 	case err != nil:
-		_ = m.NakWithDelay(time.Second)
-		return nil
+		return putBack(time.Second)
 	default:
 		rec = e.Value()
 	}
 	if rec != nil {
+		fresh := l.d
 		if err := decodeRecord(rec, &l.d); err != nil {
-			s.log.Warn("bad attempt record, counting from zero", zap.String("target", q.target), zap.String("event_id", id.String()), zap.Error(err))
-			l.d = store.Delivery{ID: id, Target: q.target, ReceivedAt: at, NextAt: at}
+			s.log.Warn("bad attempt record, counting from zero", zap.String("target", q.target), zap.String("event_id", l.d.ID.String()), zap.Error(err))
+			l.d = fresh
 		}
+		// The message's key is the one its subject orders it by.
+		l.d.OrderKey = fresh.OrderKey
 	}
 	if wait := l.d.NextAt.Sub(s.cfg.Now()); wait > 10*time.Millisecond {
-		_ = m.NakWithDelay(wait)
-		return nil
+		return putBack(wait)
 	}
-	return l
+	return true, 0
 }
+
+// parkedLeases are leases waiting here for an earlier one of their key.
+type parkedLeases map[string]*lease
 
 // lease is one fetched message.
 type lease struct {
@@ -421,6 +586,14 @@ type lease struct {
 	ev      store.Event
 	fetched time.Time
 	seq     uint64 // stream sequence
+	// delivered is how many times the consumer has handed it out.
+	delivered uint64
+	keyTok    string // the order key's token, "" for none
+	// ordered: in an ordered queue when fetched, and so held here as
+	// the head of its key, or parked (see claim).
+	ordered bool
+	// waits is how many times it waited here behind its key's head.
+	waits int
 	// again is true for a redelivery or a copied delivery with attempts:
 	// only then can an attempt record or a dead letter of an earlier
 	// round exist.
@@ -456,6 +629,7 @@ func (l *lease) Postpone(at time.Time) {
 		return
 	}
 	l.settled = true
+	l.q.release(l)
 	_ = l.m.NakWithDelay(at.Sub(l.q.s.cfg.Now()))
 }
 
@@ -494,6 +668,7 @@ func (l *lease) settle(ctx context.Context, o store.Outcome, d *store.Delivery) 
 		return err
 	}
 	l.settled = true
+	l.q.release(l)
 	if o != store.Retry {
 		l.q.s.counts.touch()
 	}
@@ -529,6 +704,8 @@ func (l *lease) record(ctx context.Context, o store.Outcome, d *store.Delivery) 
 			s.log.Debug("nats nak", zap.String("target", l.q.target), zap.String("event_id", id.String()), zap.Error(err))
 		}
 	case store.Dead:
+		// The key is the delivery's, whatever d says: a replay keeps it.
+		d.OrderKey = l.d.OrderKey
 		m := nats.NewMsg(s.n.deadSubject(tok, id))
 		m.Header.Set(hdrReceivedAt, strconv.FormatInt(l.d.ReceivedAt.UnixNano(), 10))
 		if l.ev.ContentType != "" {

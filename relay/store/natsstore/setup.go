@@ -213,7 +213,8 @@ func (s *Store) ensureBucket(ctx context.Context, want jetstream.KeyValueConfig)
 	return kv, nil
 }
 
-// consumerConfig is target's durable pull consumer. No BackOff: it would
+// consumerConfig is target's durable pull consumer, on its deliveries with
+// an order key and without (pendingFilter). No BackOff: it would
 // replace AckWait on the first redelivery, and it ignores naks; retries
 // are scheduled with NakWithDelay from the relay's own attempt count.
 // MaxAckPending is unlimited because a delivery waiting out its delay

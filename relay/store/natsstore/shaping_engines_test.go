@@ -2,6 +2,9 @@ package natsstore_test
 
 import (
 	"fmt"
+	"net/http"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -96,5 +99,62 @@ func BenchmarkEnginesRateAccuracy(b *testing.B) {
 		rate := float64(len(reqs)-1) / span.Seconds()
 		b.ReportMetric(rate, "req/s")
 		b.ReportMetric(100*(rate-50)/50, "%off")
+	}
+}
+
+// TestEnginesOrderByAcrossInstances: two instances deliver one ordered
+// target. The first event of a key fails three times; the second event
+// of the key, received by the other instance, arrives only after the
+// first succeeded, while an event of another key is not held back.
+func TestEnginesOrderByAcrossInstances(t *testing.T) {
+	ns := natsstore.StartTestServer(t)
+	ev := func(id, key string) []byte {
+		return []byte(fmt.Sprintf(`{"event_id":%q,"api_version":"v3","data":{"location":{"id":%q}}}`, id, key))
+	}
+	var failing string
+	fails := 0
+	var mu sync.Mutex
+	h := newHook(t, func(r *http.Request) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.Header.Get(relay.HeaderIdempotencyKey) == failing && fails < 3 {
+			fails++
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	tc := target("t", h.URL)
+	tc.Concurrency = 4
+	tc.OrderBy = "data.location.id"
+	a := openEngine(t, relayConfig("a", tc), storeConfig(ns.URL()))
+	b := openEngine(t, relayConfig("b", tc), storeConfig(ns.URL()))
+	cfg, err := relayConfig("a", tc).WithDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	failing = cfg.EventID(ev("k1-first", "K1")).String()
+	mu.Unlock()
+	first := receive(t, a, ev("k1-first", "K1"))
+	second := receive(t, b, ev("k1-second", "K1"))
+	other := receive(t, b, ev("k2", "K2"))
+	waitFor(t, "every delivery", 20*time.Second, func() bool { return pendingEvents(a) == 0 && pendingEvents(b) == 0 })
+	var order []string
+	for _, r := range h.requests() {
+		if r.status == http.StatusOK {
+			order = append(order, r.key)
+		}
+	}
+	pos := func(id string) int { return slices.Index(order, id) }
+	if pos(first.EventID.String()) < 0 || pos(first.EventID.String()) > pos(second.EventID.String()) {
+		t.Errorf("delivery order %v: the key's first event must come before its second", order)
+	}
+	if pos(other.EventID.String()) > pos(first.EventID.String()) {
+		t.Errorf("delivery order %v: another key's event was held back behind the retries", order)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if fails != 3 {
+		t.Errorf("the first event failed %d times, want 3", fails)
 	}
 }

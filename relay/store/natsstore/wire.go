@@ -21,6 +21,9 @@ const (
 	hdrReceivedAt  = "Relay-Received-At" // unix ns of the event's receipt
 	hdrContentType = "Content-Type"
 	hdrDelivery    = "Relay-Delivery" // a dead letter's delivery record (JSON)
+	// hdrOrderKey is a delivery's order key, Go-quoted in ASCII: a key
+	// taken from a payload may hold what a header cannot.
+	hdrOrderKey = "Relay-Order-Key"
 )
 
 // token turns a target name into one subject token, a consumer name and
@@ -69,12 +72,25 @@ func namesFor(stream string) names {
 
 // pendingSubject is where (event, target)'s delivery lives: one subject per
 // pair, so that a publish can insist that none is stored yet, and a lookup
-// by event id is a subject filter.
-func (n names) pendingSubject(tok string, id store.ID) string {
-	return n.stream + ".d." + tok + "." + id.String()
+// by event id is a subject filter. A delivery with an order key has the
+// key's token (keyToken) before the event id, so that the deliveries of
+// one key at a target are one subject filter too (keyFilter), which the
+// queue's head check reads.
+func (n names) pendingSubject(tok, keyTok string, id store.ID) string {
+	if keyTok == "" {
+		return n.stream + ".d." + tok + "." + id.String()
+	}
+	return n.stream + ".d." + tok + "." + keyTok + "." + id.String()
 }
 
-func (n names) pendingFilter(tok string) string { return n.stream + ".d." + tok + ".*" }
+// pendingFilter matches every delivery at a target, with an order key or
+// without.
+func (n names) pendingFilter(tok string) string { return n.stream + ".d." + tok + ".>" }
+
+// keyFilter matches the deliveries of one order key at a target.
+func (n names) keyFilter(tok, keyTok string) string {
+	return n.stream + ".d." + tok + "." + keyTok + ".*"
+}
 
 func (n names) deadSubject(tok string, id store.ID) string {
 	return n.dead + "." + tok + "." + id.String()
@@ -82,22 +98,53 @@ func (n names) deadSubject(tok string, id store.ID) string {
 
 func (n names) deadFilter(tok string) string { return n.dead + "." + tok + ".*" }
 
-// splitSubject returns the target and event id of a pending or dead
-// subject: its last two tokens.
-func splitSubject(subj string) (target string, id store.ID, err error) {
-	i := strings.LastIndexByte(subj, '.')
-	if i < 0 {
-		return "", id, fmt.Errorf("subject %q has no event id", subj)
+// splitSubject returns the target, the order key's token ("" for none)
+// and the event id of a pending or dead subject, told apart by how many
+// tokens they have (stream names have no dots): S_DEAD.<target>.<id>,
+// S.d.<target>.<id>, S.d.<target>.<key>.<id>.
+func splitSubject(subj string) (target, keyTok string, id store.ID, err error) {
+	var toks [6]string
+	n := 0
+	for rest := subj; n < len(toks); n++ {
+		i := strings.IndexByte(rest, '.')
+		if i < 0 {
+			toks[n] = rest
+			n++
+			break
+		}
+		toks[n], rest = rest[:i], rest[i+1:]
 	}
-	if id, err = store.ParseID(subj[i+1:]); err != nil {
-		return "", id, fmt.Errorf("subject %q: %w", subj, err)
+	var tok string
+	switch n {
+	case 3:
+		tok = toks[1]
+	case 4:
+		tok = toks[2]
+	case 5:
+		tok, keyTok = toks[2], toks[3]
+	default:
+		return "", "", id, fmt.Errorf("subject %q is no delivery's", subj)
 	}
-	rest := subj[:i]
-	j := strings.LastIndexByte(rest, '.')
-	if target, err = targetOf(rest[j+1:]); err != nil {
-		return "", id, err
+	if id, err = store.ParseID(toks[n-1]); err != nil {
+		return "", "", id, fmt.Errorf("subject %q: %w", subj, err)
 	}
-	return target, id, nil
+	if target, err = targetOf(tok); err != nil {
+		return "", "", id, err
+	}
+	return target, keyTok, id, nil
+}
+
+// subjectToken is the target token of a pending or dead subject, "" when
+// it is neither.
+func subjectToken(subj string) string {
+	toks := strings.Split(subj, ".")
+	switch len(toks) {
+	case 3:
+		return toks[1]
+	case 4, 5:
+		return toks[2]
+	}
+	return ""
 }
 
 func attemptKey(tok string, id store.ID) string { return tok + "." + id.String() }
@@ -111,6 +158,8 @@ type record struct {
 	LastAttemptAt  int64  `json:"last_attempt_at,omitempty"`
 	LastStatus     int    `json:"last_status,omitempty"`
 	LastError      string `json:"last_error,omitempty"`
+	// OrderKey is kept with a dead letter, so that a replay keeps it.
+	OrderKey string `json:"order_key,omitempty"`
 }
 
 // maxErrorLen bounds a stored error; the bbolt store keeps the same.
@@ -142,6 +191,7 @@ func encodeRecord(d *store.Delivery) []byte {
 		LastAttemptAt:  ns(d.LastAttemptAt),
 		LastStatus:     d.LastStatus,
 		LastError:      e,
+		OrderKey:       d.OrderKey,
 	})
 	return b
 }
@@ -157,6 +207,9 @@ func decodeRecord(b []byte, d *store.Delivery) error {
 	d.LastAttemptAt = fromNs(r.LastAttemptAt)
 	d.LastStatus = r.LastStatus
 	d.LastError = r.LastError
+	if r.OrderKey != "" {
+		d.OrderKey = r.OrderKey
+	}
 	return nil
 }
 

@@ -47,11 +47,18 @@ type contractTest struct {
 }
 
 // core is what a minimal backend must pass first: intake with dedupe,
-// taking and settling, postponing, and the counts after each step.
+// taking and settling, postponing, ordered queues, and the counts after
+// each step.
 var core = []contractTest{
 	{"AcceptDuplicate", testAcceptDuplicate},
 	{"TakeSettle", testTakeSettle},
 	{"Postpone", testPostpone},
+	{"OrderedOneAtATime", testOrderedOneAtATime},
+	{"OrderedWaits", testOrderedWaits},
+	{"OrderedOtherKeys", testOrderedOtherKeys},
+	{"OrderedOff", testOrderedOff},
+	{"OrderedToggle", testOrderedToggle},
+	{"OrderedToggleWhileLeased", testOrderedToggleWhileLeased},
 }
 
 // rest is the remainder of the contract.
@@ -77,10 +84,15 @@ var rest = []contractTest{
 	{"ExpireKeys", testExpireKeys},
 	{"Closed", testClosed},
 	{"Reopen", testReopen},
+	{"OrderedReopen", testOrderedReopen},
+	{"OrderedReplay", testOrderedReplay},
+	{"OrderedRetire", testOrderedRetire},
+	{"OrderedDeleteDead", testOrderedDeleteDead},
 }
 
 // RunCore runs the core of the contract: intake with dedupe (Accept, dup,
-// Seen), Take and Settle (Delivered, Retry at a time, Dead), Postpone, and
+// Seen), Take and Settle (Delivered, Retry at a time, Dead), Postpone,
+// ordered queues (QueueOptions.Ordered, AcceptOptions.OrderKeys), and
 // Counts after each.
 func RunCore(t *testing.T, h Harness) {
 	t.Helper()
