@@ -28,6 +28,7 @@ const headerInstance = "X-Instance"
 // hookReq is what a test target saw of one request.
 type hookReq struct {
 	key, instance string
+	body, sig     string
 	arrived       time.Time
 	status        int // what it answered; 0 while the request is under way
 }
@@ -51,10 +52,13 @@ func newHook(t testing.TB, answer func(r *http.Request) int) *hook {
 }
 
 func (h *hook) serve(w http.ResponseWriter, r *http.Request) {
-	_, _ = io.Copy(io.Discard, r.Body)
+	b, _ := io.ReadAll(r.Body)
 	h.mu.Lock()
 	n := len(h.reqs)
-	h.reqs = append(h.reqs, hookReq{key: r.Header.Get(relay.HeaderIdempotencyKey), instance: r.Header.Get(headerInstance), arrived: time.Now()})
+	h.reqs = append(h.reqs, hookReq{
+		key: r.Header.Get(relay.HeaderIdempotencyKey), instance: r.Header.Get(headerInstance), arrived: time.Now(),
+		body: string(b), sig: r.Header.Get("Webhook-Signature"),
+	})
 	h.mu.Unlock()
 	code := http.StatusOK
 	if h.answer != nil {
