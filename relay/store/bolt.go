@@ -988,68 +988,85 @@ func (s *Bolt) Retire(_ context.Context, target, reason string) (int, error) {
 
 // DeadLetters implements DeadLetters.
 func (s *Bolt) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
-	var fromTarget string
-	var fromRef []byte
-	if cursor != "" {
-		var err error
-		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
-			return nil, "", err
-		}
-	}
 	if limit <= 0 {
 		limit = 100
 	}
 	var list []DeadLetter
 	var next string
 	err := s.view(func(tx *bolt.Tx) error {
-		var names []string
-		dead := tx.Bucket(bucketDead)
-		if target != "" {
-			names = []string{target}
-		} else {
-			_ = dead.ForEachBucket(func(k []byte) error { names = append(names, string(k)); return nil })
-		}
 		events := tx.Bucket(bucketEvents)
-		for _, t := range names {
-			if fromTarget != "" && t < fromTarget {
-				continue
+		var err error
+		next, err = pageDeliveries(tx.Bucket(bucketDead), target, cursor, limit, func(t string, k, v []byte) error {
+			d, err := decodeDelivery(t, k, v)
+			if err != nil {
+				return err
 			}
-			b := dead.Bucket([]byte(t))
-			if b == nil {
-				continue
-			}
-			c := b.Cursor()
-			var k, v []byte
-			if t == fromTarget && fromRef != nil {
-				k, v = c.Seek(fromRef)
-				if k != nil && bytes.Equal(k, fromRef) {
-					k, v = c.Next()
-				}
-			} else {
-				k, v = c.First()
-			}
-			for ; k != nil; k, v = c.Next() {
-				if len(list) == limit {
-					last := list[len(list)-1]
-					next = encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID))
-					return nil
-				}
-				d, err := decodeDelivery(t, k, v)
-				if err != nil {
+			dl := DeadLetter{Delivery: *d}
+			if ev := events.Get(k); len(ev) >= countsLen {
+				if dl.ContentType, dl.Body, err = decodeBody(ev[countsLen:]); err != nil {
 					return err
 				}
-				dl := DeadLetter{Delivery: *d}
-				if ev := events.Get(k); len(ev) >= countsLen {
-					if dl.ContentType, dl.Body, err = decodeBody(ev[countsLen:]); err != nil {
-						return err
-					}
-				}
-				list = append(list, dl)
 			}
-		}
-		return nil
+			list = append(list, dl)
+			return nil
+		})
+		return err
 	})
 	return list, next, err
+}
+
+// pageDeliveries walks the per-target buckets under parent (pending or
+// dead): one target's, or every target's in name order, each in ref
+// order, from after cursor. It gives add the key and value of up to limit
+// deliveries and returns the cursor of the next page ("" on the last).
+func pageDeliveries(parent *bolt.Bucket, target, cursor string, limit int, add func(target string, k, v []byte) error) (string, error) {
+	var fromTarget string
+	var fromRef []byte
+	if cursor != "" {
+		var err error
+		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
+			return "", err
+		}
+	}
+	var names []string
+	if target != "" {
+		names = []string{target}
+	} else {
+		_ = parent.ForEachBucket(func(k []byte) error { names = append(names, string(k)); return nil })
+	}
+	n := 0
+	var lastTarget string
+	var lastRef []byte
+	for _, t := range names {
+		if t < fromTarget {
+			continue
+		}
+		b := parent.Bucket([]byte(t))
+		if b == nil {
+			continue
+		}
+		c := b.Cursor()
+		var k, v []byte
+		if t == fromTarget && fromRef != nil {
+			k, v = c.Seek(fromRef)
+			if k != nil && bytes.Equal(k, fromRef) {
+				k, v = c.Next()
+			}
+		} else {
+			k, v = c.First()
+		}
+		for ; k != nil; k, v = c.Next() {
+			if n == limit {
+				return encodeCursor(lastTarget, lastRef), nil
+			}
+			if err := add(t, k, v); err != nil {
+				return "", err
+			}
+			n++
+			lastTarget, lastRef = t, bytes.Clone(k)
+		}
+	}
+	return "", nil
 }
 
 // deadRefs returns the refs of target's dead letters among ids (all of
@@ -1404,6 +1421,88 @@ func (s *Bolt) Counts(context.Context) (Counts, error) {
 		return Counts{}, err
 	}
 	return c, nil
+}
+
+// ListPending implements Inspector: target by target, oldest event
+// first, read in one view transaction and paged with the cursors of
+// DeadLetters. A delivery leased now is pending in the file, so listed.
+func (s *Bolt) ListPending(_ context.Context, target, cursor string, limit int) ([]Delivery, string, error) {
+	limit = listLimit(limit)
+	var list []Delivery
+	var next string
+	err := s.view(func(tx *bolt.Tx) error {
+		var err error
+		next, err = pageDeliveries(tx.Bucket(bucketPending), target, cursor, limit, func(t string, k, v []byte) error {
+			d, err := decodeDelivery(t, k, v)
+			if err != nil {
+				return fmt.Errorf("reading pending delivery at %s: %w", t, err)
+			}
+			list = append(list, *d)
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		return nil, "", fmt.Errorf("listing pending deliveries: %w", err)
+	}
+	return list, next, nil
+}
+
+// Lookup implements Inspector: the event by its id index, and its
+// deliveries by its ref in every target's buckets.
+func (s *Bolt) Lookup(_ context.Context, id ID) (EventState, error) {
+	var st EventState
+	err := s.view(func(tx *bolt.Tx) error {
+		e, err := lookup(tx, id)
+		if err != nil {
+			return err
+		}
+		if e == nil {
+			return ErrNotFound
+		}
+		recv, _, err := parseRef(e.ref)
+		if err != nil {
+			return err
+		}
+		ev := &Event{ID: id, ReceivedAt: recv}
+		if ev.ContentType, ev.Body, err = decodeBody(e.val[countsLen:]); err != nil {
+			return err
+		}
+		st.Event = ev
+		pending := tx.Bucket(bucketPending)
+		err = pending.ForEachBucket(func(name []byte) error {
+			v := pending.Bucket(name).Get(e.ref)
+			if v == nil {
+				return nil
+			}
+			d, err := decodeDelivery(string(name), e.ref, v)
+			if err != nil {
+				return err
+			}
+			st.Pending = append(st.Pending, *d)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		dead := tx.Bucket(bucketDead)
+		return dead.ForEachBucket(func(name []byte) error {
+			v := dead.Bucket(name).Get(e.ref)
+			if v == nil {
+				return nil
+			}
+			d, err := decodeDelivery(string(name), e.ref, v)
+			if err != nil {
+				return err
+			}
+			st.Dead = append(st.Dead, DeadLetter{Delivery: *d, ContentType: ev.ContentType, Body: bytes.Clone(ev.Body)})
+			return nil
+		})
+	})
+	if err != nil {
+		return EventState{}, fmt.Errorf("looking up event %s: %w", id, err)
+	}
+	return st, nil
 }
 
 // Pending calls fn for every delivery pending in the file now, target by

@@ -536,6 +536,72 @@ func (s *Memory) Counts(context.Context) (Counts, error) {
 	return c, nil
 }
 
+// ListPending implements Inspector: target by target, oldest event
+// first, paged with the cursors of DeadLetters.
+func (s *Memory) ListPending(_ context.Context, target, cursor string, limit int) ([]Delivery, string, error) {
+	var fromTarget string
+	var fromRef []byte
+	if cursor != "" {
+		var err error
+		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
+			return nil, "", err
+		}
+	}
+	limit = listLimit(limit)
+	if err := s.lock(); err != nil {
+		return nil, "", err
+	}
+	defer s.mu.Unlock()
+	names := sortedKeys(s.pending)
+	if target != "" {
+		names = []string{target}
+	}
+	var list []Delivery
+	for _, t := range names {
+		if t < fromTarget {
+			continue
+		}
+		for _, d := range sortedDeliveries(s.pending[t]) {
+			ref := makeRef(d.ReceivedAt, d.ID)
+			if t == fromTarget && bytes.Compare(ref, fromRef) <= 0 {
+				continue
+			}
+			if len(list) == limit {
+				last := list[len(list)-1]
+				return list, encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID)), nil
+			}
+			list = append(list, *d)
+		}
+	}
+	return list, "", nil
+}
+
+// Lookup implements Inspector.
+func (s *Memory) Lookup(_ context.Context, id ID) (EventState, error) {
+	if err := s.lock(); err != nil {
+		return EventState{}, err
+	}
+	defer s.mu.Unlock()
+	e := s.events[id]
+	if e == nil {
+		return EventState{}, fmt.Errorf("looking up event %s: %w", id, ErrNotFound)
+	}
+	ev := e.ev
+	ev.Body = bytes.Clone(e.ev.Body)
+	st := EventState{Event: &ev}
+	for _, t := range sortedKeys(s.pending) {
+		if d := s.pending[t][id]; d != nil {
+			st.Pending = append(st.Pending, *d)
+		}
+	}
+	for _, t := range sortedKeys(s.dead) {
+		if d := s.dead[t][id]; d != nil {
+			st.Dead = append(st.Dead, DeadLetter{Delivery: *d, ContentType: ev.ContentType, Body: bytes.Clone(ev.Body)})
+		}
+	}
+	return st, nil
+}
+
 // Pending calls fn for every pending delivery, target by target, oldest
 // event first: for tests that look at what the relay left.
 func (s *Memory) Pending(fn func(d *Delivery) error) error {

@@ -140,6 +140,7 @@ type Store interface {
 	DeadLetters
 	KeyStates
 	Counter
+	Inspector
 	// Close releases the store. Leases still held are abandoned: their
 	// deliveries are taken again after a restart (or, on a shared store,
 	// by another instance). Safe to call more than once.
@@ -300,6 +301,28 @@ type Counter interface {
 	// memory (a backlog still loading after a restart counts as it
 	// loads); a shared store asks its server, at most once a second.
 	Counts(ctx context.Context) (Counts, error)
+}
+
+// Inspector shows what the store holds, for the admin API, the CLI and
+// the console.
+type Inspector interface {
+	// ListPending lists the deliveries still owed, at one target or all
+	// (target ""), with their attempts, last error and next attempt, in
+	// a stable order, resuming after cursor ("" for the start); next is
+	// "" on the last page.
+	ListPending(ctx context.Context, target, cursor string, limit int) (list []Delivery, next string, err error)
+	// Lookup returns the event id and what the store holds of it: its
+	// deliveries still pending and its dead letters, at every target.
+	// ErrNotFound when no event with id is stored (its dedupe key may
+	// still be recorded: Seen says).
+	Lookup(ctx context.Context, id ID) (EventState, error)
+}
+
+// EventState is one stored event and where it stands.
+type EventState struct {
+	Event   *Event
+	Pending []Delivery
+	Dead    []DeadLetter
 }
 
 // Loader is implemented by stores that load their queues in the

@@ -59,6 +59,8 @@ var core = []contractTest{
 	{"OrderedOff", testOrderedOff},
 	{"OrderedToggle", testOrderedToggle},
 	{"OrderedToggleWhileLeased", testOrderedToggleWhileLeased},
+	{"ListPendingPaging", testListPendingPaging},
+	{"InspectAttempts", testInspectAttempts},
 }
 
 // rest is the remainder of the contract.
@@ -88,6 +90,7 @@ var rest = []contractTest{
 	{"OrderedReplay", testOrderedReplay},
 	{"OrderedRetire", testOrderedRetire},
 	{"OrderedDeleteDead", testOrderedDeleteDead},
+	{"InspectReopen", testInspectReopen},
 }
 
 // RunCore runs the core of the contract: intake with dedupe (Accept, dup,
