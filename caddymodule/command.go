@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -22,15 +23,18 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "webhook-relay",
-		Usage: "simulate|dead-letters|migrate|transform ...",
-		Short: "Simulates OkHi's webhooks, manages the relay's dead letters, moves a bbolt store to NATS, previews a target's request",
+		Usage: "simulate|status|pending|event|pause|resume|dead-letters|migrate|transform ...",
+		Short: "Simulates OkHi's webhooks, shows and steers the relays, manages dead letters, moves a bbolt store to NATS, previews a target's request",
 		Long: `
 simulate sends OkHi-shaped events to a relay the way OkHi does (15 s
 timeout, retries with exponential backoff, so duplicates happen) and
-prints what came back.
+prints what came back; on a terminal, with a live progress line.
 
-dead-letters list|replay|delete calls the relay's routes on Caddy's admin
-endpoint (--address, default localhost:2019).
+status, pending list, event <event_id>, pause <target>, resume <target>
+and dead-letters list|replay|delete call the relay's routes on Caddy's
+admin endpoint (--address, default localhost:2019): tables for people,
+--json for scripts. When the endpoint cannot be reached or answers an
+error, they print one line on stderr and exit non-zero.
 
 migrate copies a bbolt store (pending deliveries with their attempts,
 dead letters, unexpired dedupe keys) into a NATS JetStream stream, for
@@ -40,10 +44,15 @@ duplicating anything.
 transform prints the request a target would get for an event (method,
 URL, headers with secrets masked, body), sending nothing.
 `,
-		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(simulateCommand(), deadLettersCommand(), migrateCommand(), transformCommand())
-		},
+		CobraFunc: addSubcommands,
 	})
+}
+
+// addSubcommands gives cmd, caddy's webhook-relay command, its
+// subcommands.
+func addSubcommands(cmd *cobra.Command) {
+	cmd.AddCommand(simulateCommand(), statusCommand(), pendingCommand(), eventCommand(),
+		pauseCommand(true), pauseCommand(false), deadLettersCommand(), migrateCommand(), transformCommand())
 }
 
 func simulateCommand() *cobra.Command {
@@ -63,6 +72,9 @@ func simulateCommand() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 			defer stop()
+			if isTerminal(cmd.OutOrStdout()) {
+				o.Progress = cmd.OutOrStdout()
+			}
 			s, err := simulate(ctx, o)
 			if s != nil {
 				s.report(cmd.OutOrStdout())
@@ -101,42 +113,38 @@ func deadLettersCommand() *cobra.Command {
 	pf.StringVar(&target, "target", "", "only this target")
 
 	var limit int
-	var all bool
+	var all, asJSON bool
 	list := &cobra.Command{
-		Use:   "list [--limit N] [--all]",
-		Short: "List dead letters (one JSON object a line)",
+		Use:   "list [--limit N] [--all] [--json]",
+		Short: "List dead letters (a table; --json: one JSON object a line)",
+		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cursor := ""
-			for {
-				q := url.Values{"limit": {fmt.Sprint(limit)}}
-				if target != "" {
-					q.Set("target", target)
+			now := time.Now()
+			var tw *tabwriter.Writer
+			af := adminFlags{address: address, relay: relayName}
+			return pages(cmd, af, "dead_letters", target, limit, all, func(raw json.RawMessage) error {
+				if asJSON {
+					return printJSONLine(cmd.OutOrStdout(), raw)
 				}
-				if cursor != "" {
-					q.Set("cursor", cursor)
+				var d deadLetterJSON
+				if err := json.Unmarshal(raw, &d); err != nil {
+					return fmt.Errorf("reading a dead letter: %w", err)
 				}
-				var page struct {
-					DeadLetters []json.RawMessage `json:"dead_letters"`
-					NextCursor  string            `json:"next_cursor"`
+				if tw == nil {
+					tw = newTable(cmd.OutOrStdout(), "EVENT ID", "TARGET", "ATTEMPTS", "LAST STATUS", "AGE", "LAST ATTEMPT", "LAST ERROR")
 				}
-				if err := adminCall(address, http.MethodGet, deadLettersPath(relayName)+"?"+q.Encode(), nil, &page); err != nil {
-					return err
+				last := "-"
+				if d.LastAttemptAt != nil {
+					last = age(now.Sub(*d.LastAttemptAt)) + " ago"
 				}
-				for _, dl := range page.DeadLetters {
-					fmt.Fprintln(cmd.OutOrStdout(), string(dl))
-				}
-				if !all || page.NextCursor == "" {
-					if page.NextCursor != "" {
-						fmt.Fprintf(cmd.ErrOrStderr(), "more: --all, or the API's cursor %s\n", page.NextCursor)
-					}
-					return nil
-				}
-				cursor = page.NextCursor
-			}
+				row(tw, d.EventID, d.Target, d.Attempts, status(d.LastStatus), age(now.Sub(d.ReceivedAt)), last, cell(d.LastError, 80))
+				return nil
+			}, func() error { return flushTable(tw) })
 		},
 	}
 	list.Flags().IntVar(&limit, "limit", 100, "dead letters per page")
 	list.Flags().BoolVar(&all, "all", false, "every page")
+	list.Flags().BoolVar(&asJSON, "json", false, "one JSON object a line, as the route answers")
 
 	var ids []string
 	replay := &cobra.Command{
@@ -194,7 +202,9 @@ func deadLettersPath(name string) string {
 	return "/webhook_relay/" + url.PathEscape(name) + "/dead_letters"
 }
 
-// adminCall makes one admin API request and decodes its JSON answer.
+// adminCall makes one admin API request and decodes its JSON answer. Its
+// errors are one line, naming the request and what went wrong (the API's
+// own message, when it answered one).
 func adminCall(address, method, uri string, in, out any) error {
 	if address == "" {
 		address = caddy.DefaultAdminListen
@@ -209,12 +219,38 @@ func adminCall(address, method, uri string, in, out any) error {
 	}
 	resp, err := caddycmd.AdminAPIRequest(address, method, uri, nil, body)
 	if err != nil {
-		return err
+		msg := adminMessage(err.Error())
+		if rest, ok := strings.CutPrefix(msg, "performing request: "); ok {
+			// The request's URL, quoted, then why it failed.
+			if _, why, ok := strings.Cut(rest, `": `); ok {
+				rest = why
+			}
+			return fmt.Errorf("cannot reach Caddy's admin endpoint at %s: %s", address, rest)
+		}
+		return fmt.Errorf("%s %s at %s: %s", method, uri, address, strings.TrimPrefix(msg, "caddy responded with error: "))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("%s %s: %s: %s", method, uri, resp.Status, bytes.TrimSpace(b))
+		return fmt.Errorf("%s %s at %s: %s: %s", method, uri, address, resp.Status, adminMessage(string(b)))
 	}
-	return json.NewDecoder(resp.Body).Decode(out)
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("%s %s at %s: reading the answer: %w", method, uri, address, err)
+	}
+	return nil
+}
+
+// adminMessage makes an admin API error one line: the message of a JSON
+// error answer ({"error":"..."}) in place of the JSON, whitespace
+// collapsed.
+func adminMessage(msg string) string {
+	if i := strings.IndexByte(msg, '{'); i >= 0 {
+		var answer struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal([]byte(strings.TrimSpace(msg[i:])), &answer) == nil && answer.Error != "" {
+			msg = msg[:i] + answer.Error
+		}
+	}
+	return strings.Join(strings.Fields(msg), " ")
 }

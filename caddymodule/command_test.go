@@ -110,10 +110,10 @@ func TestDeadLettersCommand(t *testing.T) {
 		return out.String(), err
 	}
 	waitFor(t, 5*time.Second, "three dead letters", func() bool {
-		out, err := run("list", "--all", "--limit", "2")
+		out, err := run("list", "--all", "--limit", "2", "--json")
 		return err == nil && strings.Count(out, "\n") == 3
 	})
-	out, err := run("list", "--all", "--limit", "2")
+	out, err := run("list", "--all", "--limit", "2", "--json")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,8 @@ type simOptions struct {
 	Timeout    time.Duration
 	Attempts   int
 	RetryAfter time.Duration // first retry delay, doubled each time
+	// Progress, when not nil, gets a live progress line (a terminal).
+	Progress io.Writer
 }
 
 // simSummary is what a simulation saw.
@@ -63,8 +65,13 @@ func simulate(ctx context.Context, o simOptions) (*simSummary, error) {
 	var sent [][]byte
 	tick := time.NewTicker(time.Duration(float64(time.Second) / o.Rate))
 	defer tick.Stop()
+	if o.Progress != nil {
+		stop := showProgress(o.Progress, o.Events, s, &mu)
+		defer stop()
+	}
 	for s.Events < o.Events {
 		var body []byte
+		mu.Lock() // the progress line reads the counts
 		if len(sent) > 0 && mrand.Float64() < o.Duplicates {
 			body = sent[mrand.IntN(len(sent))]
 		} else {
@@ -73,6 +80,7 @@ func simulate(ctx context.Context, o simOptions) (*simSummary, error) {
 			s.Events++
 		}
 		s.Sends++
+		mu.Unlock()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -159,6 +159,7 @@ func (e *Engine) settle(t *target, tc *settings, l store.Lease, d *store.Deliver
 // delivered for its drop_stale key: nothing is sent, nothing stays
 // pending or dead.
 func (e *Engine) settleStale(t *target, tc *settings, l store.Lease, d *store.Delivery) {
+	e.recordStale(t, d)
 	l.Settle(store.Delivered, d, func(err error) {
 		if err != nil {
 			e.settleFailed(t, tc, l, d, err)

@@ -80,6 +80,13 @@ type Engine struct {
 	breakerLogged atomic.Int64
 	rateLogged    atomic.Int64
 	staleLogged   atomic.Int64
+	pauseLogged   atomic.Int64
+	outcomeLogged atomic.Int64
+
+	// pauseMu orders the writes of pause records against syncPauses'
+	// reads; pausePoke asks syncPauses to read them now.
+	pauseMu   sync.Mutex
+	pausePoke chan struct{}
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -104,13 +111,14 @@ func New(cfg Config, opts Options) (*Engine, error) {
 		return nil, errors.New("relay: no store")
 	}
 	e := &Engine{
-		opts:    opts,
-		now:     opts.Now,
-		log:     opts.Logger,
-		m:       opts.Metrics,
-		cfg:     &c,
-		targets: map[string]*target{},
-		loaded:  make(chan struct{}),
+		opts:      opts,
+		now:       opts.Now,
+		log:       opts.Logger,
+		m:         opts.Metrics,
+		cfg:       &c,
+		targets:   map[string]*target{},
+		loaded:    make(chan struct{}),
+		pausePoke: make(chan struct{}, 1),
 	}
 	if e.now == nil {
 		e.now = time.Now
@@ -194,10 +202,11 @@ func (e *Engine) Open() error {
 	for _, t := range e.targets {
 		e.startWorkers(t)
 	}
-	e.wg.Add(3)
+	e.wg.Add(4)
 	go e.retireRemoved()
 	go e.janitor()
 	go e.syncBreakers()
+	go e.syncPauses()
 	e.state = stateOpen
 	e.m.add(e)
 	e.log.Info("relay open", zap.String("relay", e.cfg.Name))
@@ -347,6 +356,7 @@ func (e *Engine) Update(cfg Config) error {
 		}
 		e.targets[tc.Name] = t
 		e.startWorkers(t)
+		e.pokePauses() // its gate stays shut until its pause record is read
 	}
 	for _, tc := range old.Targets {
 		if keep[tc.Name] {
@@ -491,6 +501,9 @@ type TargetStats struct {
 	// Held: the target failed too often in a row; its deliveries wait
 	// while one probe at a time finds out whether it is back.
 	Held bool `json:"held"`
+	// Paused: an operator paused the target (Engine.Pause); its
+	// deliveries wait until it is resumed.
+	Paused bool `json:"paused"`
 }
 
 // Overview is the relay's state as the admin API shows it.
@@ -529,7 +542,10 @@ func (e *Engine) targetStats(counts store.Counts) []TargetStats {
 		if !ok && c.Pending == 0 && c.Dead == 0 {
 			continue
 		}
-		ts := TargetStats{Name: name, Configured: ok, Pending: int64(c.Pending), DeadLetters: int64(c.Dead), Held: ok && t.brk.isHeld()}
+		ts := TargetStats{
+			Name: name, Configured: ok, Pending: int64(c.Pending), DeadLetters: int64(c.Dead),
+			Held: ok && t.brk.isHeld(), Paused: ok && t.pause.isPaused(),
+		}
 		if !c.OldestPending.IsZero() {
 			ts.OldestPendingSeconds = max(now.Sub(c.OldestPending).Seconds(), 0)
 		}
@@ -538,7 +554,10 @@ func (e *Engine) targetStats(counts store.Counts) []TargetStats {
 	for _, tc := range e.cfg.Targets {
 		if _, ok := counts.Targets[tc.Name]; !ok {
 			t := e.targets[tc.Name]
-			out = append(out, TargetStats{Name: tc.Name, Configured: true, Held: t != nil && t.brk.isHeld()})
+			out = append(out, TargetStats{
+				Name: tc.Name, Configured: true,
+				Held: t != nil && t.brk.isHeld(), Paused: t != nil && t.pause.isPaused(),
+			})
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

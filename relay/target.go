@@ -21,12 +21,13 @@ import (
 // target is one internal endpoint at run time: its settings, its queue in
 // the store, the breaker and pacer in front of it, and its workers.
 type target struct {
-	name string
-	cfg  atomic.Pointer[settings]
-	q    store.Queue
-	brk  *breaker
-	pace *pacer
-	quit chan struct{} // closed when the target leaves the config
+	name  string
+	cfg   atomic.Pointer[settings]
+	q     store.Queue
+	brk   *breaker
+	pace  *pacer
+	pause *pauseGate
+	quit  chan struct{} // closed when the target leaves the config
 
 	mu      sync.Mutex
 	running int // workers alive; while above concurrency, the next to look leaves
@@ -118,11 +119,12 @@ func (e *Engine) newTarget(s *settings) (*target, error) {
 		return nil, err
 	}
 	t := &target{
-		name: s.Name,
-		q:    q,
-		brk:  newBreaker(),
-		pace: newPacer(s.Rate),
-		quit: make(chan struct{}),
+		name:  s.Name,
+		q:     q,
+		brk:   newBreaker(),
+		pace:  newPacer(s.Rate),
+		pause: newPauseGate(),
+		quit:  make(chan struct{}),
 	}
 	t.look, t.lookCancel = context.WithCancel(e.ctx)
 	t.cfg.Store(s)
@@ -202,6 +204,9 @@ func (e *Engine) work(t *target) {
 			return
 		}
 		look := t.lookContext()
+		if !t.pause.wait(look) {
+			continue // ctx done, quit, or told to look at the settings again
+		}
 		probe, ok := t.brk.enter(look, e.now)
 		if !ok {
 			continue // ctx done, quit, or told to look at the settings again
@@ -230,6 +235,14 @@ func (e *Engine) work(t *target) {
 				continue
 			}
 			e.takeFailed(t, err)
+			continue
+		}
+		if !t.pause.open() {
+			// Paused while this worker waited in the queue: the delivery
+			// goes back as it was, with no attempt used.
+			lease.Postpone(e.now())
+			t.pace.leave(gate)
+			e.leaveBreaker(t, probe, false)
 			continue
 		}
 		e.leaveBreaker(t, probe, e.attempt(t, lease, probe, gate))

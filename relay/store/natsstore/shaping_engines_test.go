@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/webhook-relay/caddy-webhook-relay/relay"
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store/natsstore"
 )
 
@@ -198,4 +199,111 @@ func TestEnginesShapedDelivery(t *testing.T) {
 	if len(dead) != 1 || dead[0].Target != "form" || dead[0].ID != bad.EventID || !strings.Contains(dead[0].LastError, "no CRM id") || dead[0].Attempts != 0 {
 		t.Fatalf("dead letters from the other instance %+v, want the bad event at form with jq's message and no attempt", dead)
 	}
+}
+
+// TestEnginesPause: two instances of a relay on one JetStream. A pause
+// made at one holds the target at both, its deliveries wait with no
+// attempt used (Event says so at every instance), the pause lasts when
+// both restart, and a resume at another instance sends what waited.
+func TestEnginesPause(t *testing.T) {
+	ns := natsstore.StartTestServer(t)
+	held := newHook(t, nil)
+	free := newHook(t, nil)
+	cfg := func(instance string) relay.Config {
+		return relayConfig(instance, target("held", held.URL), target("free", free.URL))
+	}
+	paused := func(e *relay.Engine) bool {
+		for _, s := range e.Overview(t.Context()).Targets {
+			if s.Name == "held" {
+				return s.Paused
+			}
+		}
+		return false
+	}
+	waitPaused := func(e *relay.Engine, want bool) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("held paused=%v", want), 10*time.Second, func() bool { return paused(e) == want })
+	}
+	// open returns an engine the test closes itself (before restarting).
+	open := func(instance string) *relay.Engine {
+		t.Helper()
+		e, err := relay.New(cfg(instance), relay.Options{OpenStore: func() (store.Store, error) { return natsstore.Open(storeConfig(ns.URL())) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Open(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = e.Close() })
+		<-e.Loaded()
+		waitStoreUp(t, e)
+		return e
+	}
+	send := func(e *relay.Engine, prefix string, n int) []store.ID {
+		t.Helper()
+		var ids []store.ID
+		for i := range n {
+			ids = append(ids, receive(t, e, body(fmt.Sprintf("%s-%d", prefix, i))).EventID)
+		}
+		waitFor(t, "free to get them", 10*time.Second, func() bool {
+			got := free.delivered()
+			for _, id := range ids {
+				if got[id.String()] == 0 {
+					return false
+				}
+			}
+			return true
+		})
+		if n := len(held.requests()); n != 0 {
+			t.Fatalf("the paused target got %d requests", n)
+		}
+		return ids
+	}
+	a, b := open("a"), open("b")
+	if err := a.Pause(t.Context(), "held"); err != nil {
+		t.Fatal(err)
+	}
+	waitPaused(b, true)
+	ids := send(b, "two", 2)
+	ids = append(ids, send(a, "one", 2)...)
+	for _, e := range []*relay.Engine{a, b} {
+		st, err := e.Event(t.Context(), ids[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, at := range st.Targets {
+			switch at.Target {
+			case "held":
+				if at.State != relay.StatePending || at.Delivery == nil || at.Delivery.Attempts != 0 {
+					t.Errorf("event at held: %+v, want pending with no attempt", at)
+				}
+			case "free":
+				if at.State != relay.StateDelivered {
+					t.Errorf("event at free: %+v, want delivered", at)
+				}
+			}
+		}
+	}
+	for _, e := range []*relay.Engine{a, b} {
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := open("c")
+	waitPaused(c, true)
+	ids = append(ids, send(c, "three", 1)...)
+	d := open("d")
+	if err := d.Resume(t.Context(), "held"); err != nil {
+		t.Fatal(err)
+	}
+	waitPaused(c, false)
+	waitFor(t, "held to get every event", 15*time.Second, func() bool {
+		got := held.delivered()
+		for _, id := range ids {
+			if got[id.String()] == 0 {
+				return false
+			}
+		}
+		return true
+	})
 }
