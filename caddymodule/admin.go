@@ -167,7 +167,9 @@ func (a adminAPI) overview(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, out)
 }
 
-type deadLetterJSON struct {
+// deliveryJSON is what the dead-letter and pending routes show of a
+// delivery.
+type deliveryJSON struct {
 	EventID        string     `json:"event_id"`
 	Target         string     `json:"target"`
 	Attempts       int        `json:"attempts"`
@@ -176,7 +178,24 @@ type deadLetterJSON struct {
 	ReceivedAt     time.Time  `json:"received_at"`
 	FirstAttemptAt *time.Time `json:"first_attempt_at"`
 	LastAttemptAt  *time.Time `json:"last_attempt_at"`
-	Body           string     `json:"body"`
+}
+
+func deliveryOf(d *store.Delivery) deliveryJSON {
+	return deliveryJSON{
+		EventID:        d.ID.String(),
+		Target:         d.Target,
+		Attempts:       d.Attempts,
+		LastError:      d.LastError,
+		LastStatus:     d.LastStatus,
+		ReceivedAt:     d.ReceivedAt.UTC(),
+		FirstAttemptAt: timePtr(d.FirstAttemptAt),
+		LastAttemptAt:  timePtr(d.LastAttemptAt),
+	}
+}
+
+type deadLetterJSON struct {
+	deliveryJSON
+	Body string `json:"body"`
 }
 
 func timePtr(t time.Time) *time.Time {
@@ -205,17 +224,7 @@ func (a adminAPI) list(w http.ResponseWriter, r *http.Request, e *relay.Engine) 
 		NextCursor  string           `json:"next_cursor"`
 	}{DeadLetters: make([]deadLetterJSON, 0, len(list)), NextCursor: next}
 	for _, d := range list {
-		out.DeadLetters = append(out.DeadLetters, deadLetterJSON{
-			EventID:        d.ID.String(),
-			Target:         d.Target,
-			Attempts:       d.Attempts,
-			LastError:      d.LastError,
-			LastStatus:     d.LastStatus,
-			ReceivedAt:     d.ReceivedAt.UTC(),
-			FirstAttemptAt: timePtr(d.FirstAttemptAt),
-			LastAttemptAt:  timePtr(d.LastAttemptAt),
-			Body:           string(d.Body),
-		})
+		out.DeadLetters = append(out.DeadLetters, deadLetterJSON{deliveryOf(&d.Delivery), string(d.Body)})
 	}
 	return writeJSON(w, out)
 }
@@ -283,15 +292,8 @@ func (a adminAPI) deleteMany(w http.ResponseWriter, r *http.Request, e *relay.En
 
 // pendingJSON is one entry of GET /webhook_relay/<name>/pending.
 type pendingJSON struct {
-	EventID        string     `json:"event_id"`
-	Target         string     `json:"target"`
-	Attempts       int        `json:"attempts"`
-	LastError      string     `json:"last_error"`
-	LastStatus     int        `json:"last_status"`
-	ReceivedAt     time.Time  `json:"received_at"`
-	FirstAttemptAt *time.Time `json:"first_attempt_at"`
-	LastAttemptAt  *time.Time `json:"last_attempt_at"`
-	NextAttemptAt  *time.Time `json:"next_attempt_at"`
+	deliveryJSON
+	NextAttemptAt *time.Time `json:"next_attempt_at"`
 }
 
 func (a adminAPI) pending(w http.ResponseWriter, r *http.Request, e *relay.Engine) error {
@@ -309,17 +311,7 @@ func (a adminAPI) pending(w http.ResponseWriter, r *http.Request, e *relay.Engin
 		NextCursor string        `json:"next_cursor"`
 	}{Pending: make([]pendingJSON, 0, len(list)), NextCursor: next}
 	for _, d := range list {
-		out.Pending = append(out.Pending, pendingJSON{
-			EventID:        d.ID.String(),
-			Target:         d.Target,
-			Attempts:       d.Attempts,
-			LastError:      d.LastError,
-			LastStatus:     d.LastStatus,
-			ReceivedAt:     d.ReceivedAt.UTC(),
-			FirstAttemptAt: timePtr(d.FirstAttemptAt),
-			LastAttemptAt:  timePtr(d.LastAttemptAt),
-			NextAttemptAt:  timePtr(d.NextAt),
-		})
+		out.Pending = append(out.Pending, pendingJSON{deliveryOf(&d), timePtr(d.NextAt)})
 	}
 	return writeJSON(w, out)
 }
