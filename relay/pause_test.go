@@ -95,7 +95,8 @@ func TestPauseWorkersInQueue(t *testing.T) {
 	cfg, held, free := pausedPair(t)
 	e := openEngine(t, cfg, Options{OpenStore: memStore()})
 	mustAccept(t, e, v3Body("first"))
-	waitFor(t, "the first event at held", 5*time.Second, func() bool { return held.count() == 1 })
+	// At both targets: sendWhilePaused counts free's requests from here.
+	waitFor(t, "the first event at both targets", 5*time.Second, func() bool { return held.count() == 1 && free.count() == 1 })
 	if err := e.Pause(t.Context(), "held"); err != nil {
 		t.Fatal(err)
 	}
