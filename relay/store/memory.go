@@ -333,14 +333,6 @@ func sortedDeliveries(m map[ID]*Delivery) []*Delivery {
 
 // DeadLetters implements DeadLetters.
 func (s *Memory) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
-	var fromTarget string
-	var fromRef []byte
-	if cursor != "" {
-		var err error
-		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
-			return nil, "", err
-		}
-	}
 	if limit <= 0 {
 		limit = 100
 	}
@@ -348,33 +340,54 @@ func (s *Memory) DeadLetters(_ context.Context, target, cursor string, limit int
 		return nil, "", err
 	}
 	defer s.mu.Unlock()
-	names := sortedKeys(s.dead)
+	var list []DeadLetter
+	next, err := pageMemory(s.dead, target, cursor, limit, func(d *Delivery) {
+		dl := DeadLetter{Delivery: *d}
+		if e := s.events[d.ID]; e != nil {
+			dl.ContentType = e.ev.ContentType
+			dl.Body = bytes.Clone(e.ev.Body)
+		}
+		list = append(list, dl)
+	})
+	return list, next, err
+}
+
+// pageMemory walks byTarget (pending or dead), one target's or every
+// target's in name order, each in ref order, from after cursor, giving
+// add up to limit deliveries; it returns the next page's cursor, as
+// Bolt's pageDeliveries does for the file.
+func pageMemory(byTarget map[string]map[ID]*Delivery, target, cursor string, limit int, add func(*Delivery)) (string, error) {
+	var fromTarget string
+	var fromRef []byte
+	if cursor != "" {
+		var err error
+		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
+			return "", err
+		}
+	}
+	names := sortedKeys(byTarget)
 	if target != "" {
 		names = []string{target}
 	}
-	var list []DeadLetter
+	n := 0
+	var last *Delivery
 	for _, t := range names {
-		if fromTarget != "" && t < fromTarget {
+		if t < fromTarget {
 			continue
 		}
-		for _, d := range sortedDeliveries(s.dead[t]) {
-			ref := makeRef(d.ReceivedAt, d.ID)
-			if t == fromTarget && fromRef != nil && bytes.Compare(ref, fromRef) <= 0 {
+		for _, d := range sortedDeliveries(byTarget[t]) {
+			if t == fromTarget && fromRef != nil && bytes.Compare(makeRef(d.ReceivedAt, d.ID), fromRef) <= 0 {
 				continue
 			}
-			if len(list) == limit {
-				last := list[len(list)-1]
-				return list, encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID)), nil
+			if n == limit {
+				return encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID)), nil
 			}
-			dl := DeadLetter{Delivery: *d}
-			if e := s.events[d.ID]; e != nil {
-				dl.ContentType = e.ev.ContentType
-				dl.Body = bytes.Clone(e.ev.Body)
-			}
-			list = append(list, dl)
+			add(d)
+			n++
+			last = d
 		}
 	}
-	return list, "", nil
+	return "", nil
 }
 
 // Replay implements DeadLetters.
@@ -539,41 +552,14 @@ func (s *Memory) Counts(context.Context) (Counts, error) {
 // ListPending implements Inspector: target by target, oldest event
 // first, paged with the cursors of DeadLetters.
 func (s *Memory) ListPending(_ context.Context, target, cursor string, limit int) ([]Delivery, string, error) {
-	var fromTarget string
-	var fromRef []byte
-	if cursor != "" {
-		var err error
-		if fromTarget, fromRef, err = decodeCursor(cursor); err != nil {
-			return nil, "", err
-		}
-	}
 	limit = listLimit(limit)
 	if err := s.lock(); err != nil {
 		return nil, "", err
 	}
 	defer s.mu.Unlock()
-	names := sortedKeys(s.pending)
-	if target != "" {
-		names = []string{target}
-	}
 	var list []Delivery
-	for _, t := range names {
-		if t < fromTarget {
-			continue
-		}
-		for _, d := range sortedDeliveries(s.pending[t]) {
-			ref := makeRef(d.ReceivedAt, d.ID)
-			if t == fromTarget && bytes.Compare(ref, fromRef) <= 0 {
-				continue
-			}
-			if len(list) == limit {
-				last := list[len(list)-1]
-				return list, encodeCursor(last.Target, makeRef(last.ReceivedAt, last.ID)), nil
-			}
-			list = append(list, *d)
-		}
-	}
-	return list, "", nil
+	next, err := pageMemory(s.pending, target, cursor, limit, func(d *Delivery) { list = append(list, *d) })
+	return list, next, err
 }
 
 // Lookup implements Inspector.
