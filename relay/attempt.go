@@ -165,7 +165,7 @@ func (e *Engine) settleStale(t *target, tc *settings, l store.Lease, d *store.De
 			e.settleFailed(t, tc, l, d, err)
 			return
 		}
-		t.metrics.Load().stale.Inc()
+		t.metrics.Load().stale.inc(e.now())
 		if ce := e.log.Check(zapcore.DebugLevel, "stale: an event newer for the same key was delivered"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name))
 		}
@@ -197,19 +197,19 @@ func (e *Engine) settled(t *target, tc *settings, l store.Lease, d *store.Delive
 	m := t.metrics.Load()
 	switch o {
 	case store.Delivered:
-		m.delivered.Inc()
+		m.delivered.inc(e.now())
 		m.latency.Observe(e.now().Sub(d.ReceivedAt).Seconds())
 		if ce := e.log.Check(zapcore.DebugLevel, "delivered"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts))
 		}
 	case store.Retry:
-		m.retried.Inc()
+		m.retried.inc(e.now())
 		if ce := e.log.Check(zapcore.DebugLevel, "delivery failed, will retry"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name), zap.Int("attempt", d.Attempts),
 				zap.Time("next_attempt", d.NextAt), zap.String("error", d.LastError))
 		}
 	case store.Dead:
-		m.dead.Inc()
+		m.dead.inc(e.now())
 		e.log.Warn("delivery dead-lettered",
 			zap.String("event_id", d.ID.String()), zap.String("target", t.name),
 			zap.Int("attempt", d.Attempts), zap.Int("max_attempts", tc.MaxAttempts),

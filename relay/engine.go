@@ -65,6 +65,7 @@ type Engine struct {
 	targets map[string]*target
 	dd      *dedupe
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
+	hist    *history                       // kept across renames and reloads
 	loaded  chan struct{}                  // closed once the store's backlog is queued
 
 	// built are the targets' settings compiled by New, for Open.
@@ -96,7 +97,7 @@ type Engine struct {
 // engineCounters are the metric children of one relay name, resolved once.
 type engineCounters struct {
 	name      string
-	received  map[string]prometheus.Counter
+	received  map[string]counter
 	ack       prometheus.Observer
 	evictions prometheus.Counter
 }
@@ -119,6 +120,7 @@ func New(cfg Config, opts Options) (*Engine, error) {
 		targets:   map[string]*target{},
 		loaded:    make(chan struct{}),
 		pausePoke: make(chan struct{}, 1),
+		hist:      newHistory(),
 	}
 	if e.now == nil {
 		e.now = time.Now
@@ -141,12 +143,12 @@ func New(cfg Config, opts Options) (*Engine, error) {
 func (e *Engine) newCounters(name string) *engineCounters {
 	ec := &engineCounters{
 		name:      name,
-		received:  map[string]prometheus.Counter{},
+		received:  map[string]counter{},
 		ack:       e.m.AckDuration.WithLabelValues(name),
 		evictions: e.m.DedupeEvictions.WithLabelValues(name),
 	}
 	for _, r := range []string{ResultAccepted, ResultDuplicate, ResultUnauthorized, ResultInvalid, ResultTooLarge, ResultUnavailable} {
-		ec.received[r] = e.m.Received.WithLabelValues(name, r)
+		ec.received[r] = counter{e.m.Received.WithLabelValues(name, r), e.hist.intakeRing(r)}
 	}
 	return ec
 }
@@ -202,11 +204,12 @@ func (e *Engine) Open() error {
 	for _, t := range e.targets {
 		e.startWorkers(t)
 	}
-	e.wg.Add(4)
+	e.wg.Add(5)
 	go e.retireRemoved()
 	go e.janitor()
 	go e.syncBreakers()
 	go e.syncPauses()
+	go e.samplePending()
 	e.state = stateOpen
 	e.m.add(e)
 	e.log.Info("relay open", zap.String("relay", e.cfg.Name))
@@ -471,8 +474,8 @@ func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (
 // answers, the time from the request's start to the answer.
 func (e *Engine) Observe(result string, d time.Duration) {
 	c := e.ctrs.Load()
-	if r := c.received[result]; r != nil {
-		r.Inc()
+	if r, ok := c.received[result]; ok {
+		r.inc(e.now())
 	}
 	switch result {
 	case ResultAccepted, ResultDuplicate, ResultUnavailable:

@@ -41,16 +41,16 @@ type target struct {
 
 // targetMetrics are a target's metric children, resolved once per name.
 type targetMetrics struct {
-	delivered, retried, dead, stale prometheus.Counter
+	delivered, retried, dead, stale counter
 	attemptDur, latency             prometheus.Observer
 }
 
 func (e *Engine) targetMetrics(relayName, target string) *targetMetrics {
 	return &targetMetrics{
-		delivered:  e.m.Deliveries.WithLabelValues(relayName, target, "delivered"),
-		retried:    e.m.Deliveries.WithLabelValues(relayName, target, "retried"),
-		dead:       e.m.Deliveries.WithLabelValues(relayName, target, "dead_lettered"),
-		stale:      e.m.Deliveries.WithLabelValues(relayName, target, "stale"),
+		delivered:  counter{e.m.Deliveries.WithLabelValues(relayName, target, "delivered"), e.hist.deliveryRing(target, "delivered")},
+		retried:    counter{e.m.Deliveries.WithLabelValues(relayName, target, "retried"), e.hist.deliveryRing(target, "retried")},
+		dead:       counter{e.m.Deliveries.WithLabelValues(relayName, target, "dead_lettered"), e.hist.deliveryRing(target, "dead_lettered")},
+		stale:      counter{e.m.Deliveries.WithLabelValues(relayName, target, "stale"), e.hist.deliveryRing(target, "stale")},
 		attemptDur: e.m.AttemptDuration.WithLabelValues(relayName, target),
 		latency:    e.m.DeliveryLatency.WithLabelValues(relayName, target),
 	}

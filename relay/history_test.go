@@ -1,0 +1,164 @@
+package relay
+
+import (
+	"net/http"
+	"slices"
+	"testing"
+	"time"
+)
+
+// last returns the final n values of series.
+func last(series []int64, n int) []int64 { return series[len(series)-n:] }
+
+func TestRingCountsPerStep(t *testing.T) {
+	t0 := time.Unix(0, 1000*int64(HistoryStep)) // the start of a step
+	var r ring
+	r.add(t0, 1)
+	r.add(t0.Add(HistoryStep-1), 2)
+	r.add(t0.Add(2*HistoryStep), 5)
+	got, any := r.read(stepOf(t0.Add(3 * HistoryStep)))
+	if !any || len(got) != HistorySteps {
+		t.Fatalf("read: %d values, any %v", len(got), any)
+	}
+	if want := []int64{0, 3, 0, 5, 0}; !slices.Equal(last(got, 5), want) {
+		t.Errorf("last steps %v, want %v", last(got, 5), want)
+	}
+
+	// A step the window has moved past is cleared before it is reused.
+	r.add(t0.Add(HistorySteps*HistoryStep), 7)
+	got, _ = r.read(stepOf(t0.Add(HistorySteps * HistoryStep)))
+	if want := []int64{5, 0}; !slices.Equal(got[1:3], want) || got[HistorySteps-1] != 7 {
+		t.Errorf("after a window: oldest %v, newest %d; want %v and 7", got[:3], got[HistorySteps-1], want)
+	}
+	for _, v := range got[3 : HistorySteps-1] {
+		if v != 0 {
+			t.Fatalf("a cleared step holds %d: %v", v, got)
+		}
+	}
+
+	// Silence longer than the window empties it; a time before the
+	// window is dropped rather than counted in a reused slot.
+	later := t0.Add(3 * HistorySteps * HistoryStep)
+	r.add(later, 1)
+	r.add(t0, 100)
+	got, _ = r.read(stepOf(later))
+	var sum int64
+	for _, v := range got {
+		sum += v
+	}
+	if sum != 1 || got[HistorySteps-1] != 1 {
+		t.Errorf("after a long silence the window sums to %d (newest %d), want 1", sum, got[HistorySteps-1])
+	}
+	// A read ahead of the newest write shows the steps since as empty.
+	got, _ = r.read(stepOf(later) + 2)
+	if want := []int64{1, 0, 0}; !slices.Equal(last(got, 3), want) {
+		t.Errorf("read ahead: %v, want %v", last(got, 3), want)
+	}
+}
+
+func TestGaugeRingTellsZeroFromNoSample(t *testing.T) {
+	t0 := time.Unix(0, 1000*int64(HistoryStep))
+	r := ring{gauge: true}
+	if _, any := r.read(stepOf(t0)); any {
+		t.Fatal("an empty gauge reads as holding something")
+	}
+	r.set(t0, 4)
+	r.set(t0.Add(time.Second), 2) // the step's last sample wins
+	r.set(t0.Add(2*HistoryStep), 0)
+	got, any := r.read(stepOf(t0.Add(2 * HistoryStep)))
+	if want := []int64{-1, 2, -1, 0}; !any || !slices.Equal(last(got, 4), want) {
+		t.Errorf("gauge %v (any %v), want %v", last(got, 4), any, want)
+	}
+}
+
+func TestHistoryRate(t *testing.T) {
+	h := History{Step: 10 * time.Second}
+	series := []int64{100, 10, 20, 30, 999} // the last step is in progress
+	if got := h.Rate(series, 3); got != 2 {
+		t.Errorf("rate over 3 steps %v, want 2/s", got)
+	}
+	if got := h.Rate(series, 10); got != 160.0/40 {
+		t.Errorf("rate over more steps than held %v, want %v", got, 160.0/40)
+	}
+	if got := h.Rate([]int64{-1, -1, 5}, 2); got != 0 {
+		t.Errorf("rate over gaps %v, want 0", got)
+	}
+}
+
+// TestEngineHistory: answers counted by result, outcomes by target and
+// result, pending sampled once a step; a removed target's series stay
+// while they hold something and go once they are out of the window.
+func TestEngineHistory(t *testing.T) {
+	clock := newFakeClock()
+	ok := newTestTarget(t, nil)
+	bad := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(http.StatusBadRequest) })
+	down := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(http.StatusServiceUnavailable) })
+	slow := fastTarget("down", down.URL)
+	slow.BackoffMin, slow.BackoffMax = time.Hour, time.Hour
+	cfg := Config{Targets: []TargetConfig{fastTarget("ok", ok.URL), fastTarget("bad", bad.URL), slow}}
+	e := openEngine(t, cfg, Options{OpenStore: memStore(clock.Now), Now: clock.Now})
+
+	for _, id := range []string{"h1", "h2", "h3"} {
+		mustAccept(t, e, v3Body(id))
+		e.Observe(ResultAccepted, time.Millisecond)
+	}
+	mustDuplicate(t, e, v3Body("h1"))
+	e.Observe(ResultDuplicate, time.Millisecond)
+	e.Observe(ResultUnauthorized, 0)
+	waitFor(t, "3 deliveries at ok, 3 dead letters at bad, 3 retries at down", 5*time.Second, func() bool {
+		d := e.History().Deliveries
+		now := func(target, result string) int64 { return last(d[target][result], 1)[0] }
+		return now("ok", "delivered") == 3 && now("bad", "dead_lettered") == 3 && now("down", "retried") == 3
+	})
+	e.recordPending()
+	h := e.History()
+	if h.Step != HistoryStep || !h.End.After(clock.Now()) || h.End.Sub(clock.Now()) > HistoryStep {
+		t.Errorf("step %s ending %s at %s", h.Step, h.End, clock.Now())
+	}
+	for result, want := range map[string]int64{ResultAccepted: 3, ResultDuplicate: 1, ResultUnauthorized: 1, ResultInvalid: 0} {
+		if got := last(h.Intake[result], 1)[0]; got != want {
+			t.Errorf("intake %s: %d in the current step, want %d", result, got, want)
+		}
+	}
+	for target, want := range map[string]int64{"ok": 0, "bad": 0, "down": 3} {
+		if got := last(h.Pending[target], 1)[0]; got != want {
+			t.Errorf("pending at %s: %d, want %d", target, got, want)
+		}
+	}
+
+	// A step later the counts start again; pending is sampled anew.
+	clock.Advance(HistoryStep)
+	mustAccept(t, e, v3Body("h4"))
+	e.Observe(ResultAccepted, time.Millisecond)
+	waitFor(t, "h4 delivered at ok", 5*time.Second, func() bool {
+		return last(e.History().Deliveries["ok"]["delivered"], 1)[0] == 1
+	})
+	e.recordPending()
+	h = e.History()
+	if got := last(h.Intake[ResultAccepted], 2); !slices.Equal(got, []int64{3, 1}) {
+		t.Errorf("accepted in the last two steps %v, want [3 1]", got)
+	}
+	if got := last(h.Pending["down"], 2); !slices.Equal(got, []int64{3, 4}) {
+		t.Errorf("pending at down in the last two steps %v, want [3 4]", got)
+	}
+	if got := h.Rate(h.Deliveries["ok"]["delivered"], 1); got != 3/HistoryStep.Seconds() {
+		t.Errorf("delivery rate at ok over the last complete step %v, want %v", got, 3/HistoryStep.Seconds())
+	}
+
+	// Removed, bad keeps its series while they hold something.
+	cfg.Targets = []TargetConfig{cfg.Targets[0], cfg.Targets[2]}
+	if err := e.Update(cfg); err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	if _, kept := e.History().Deliveries["bad"]; !kept {
+		t.Error("a removed target's outcomes of the last hour are gone from the history")
+	}
+	clock.Advance(HistorySteps * HistoryStep)
+	h = e.History()
+	if _, kept := h.Deliveries["bad"]; kept {
+		t.Error("a removed target's history is kept an hour after its last outcome")
+	}
+	if _, kept := h.Deliveries["ok"]; !kept {
+		t.Error("a configured target's history is dropped while empty")
+	}
+}
