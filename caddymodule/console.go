@@ -65,6 +65,12 @@ var consoleFiles embed.FS
 var consoleTemplates = template.Must(template.New("").Funcs(template.FuncMap{
 	"when":    consoleTime,
 	"seconds": func(s float64) string { return (time.Duration(s * float64(time.Second))).Round(time.Second).String() },
+	"plural": func(n int64, one, many string) string {
+		if n == 1 {
+			return one
+		}
+		return many
+	},
 	// q is a link to a page of the console; qs the same query for a
 	// form's back field; back a link to such a field's page.
 	"q":  func(kv ...string) template.URL { return template.URL("?" + consoleQuery(kv...)) },
@@ -179,6 +185,29 @@ func (c *Console) get(w http.ResponseWriter, r *http.Request) error {
 type consoleRelay struct {
 	Name string
 	relay.Overview
+	Charts []chart
+	// Rate is each target's deliveries per second over the last minute.
+	Rate map[string]string
+}
+
+// rateWindow is what a delivery rate is averaged over.
+const rateWindow = time.Minute
+
+func newConsoleRelay(ctx context.Context, name string, e *relay.Engine) consoleRelay {
+	h := e.History()
+	cr := consoleRelay{Name: name, Overview: e.Overview(ctx), Charts: relayCharts(h), Rate: map[string]string{}}
+	for _, t := range cr.Targets {
+		r := h.Rate(h.Deliveries[t.Name]["delivered"], rateWindow)
+		switch {
+		case r == 0:
+			cr.Rate[t.Name] = "0"
+		case r < 10:
+			cr.Rate[t.Name] = strconv.FormatFloat(r, 'f', 2, 64)
+		default:
+			cr.Rate[t.Name] = strconv.FormatFloat(r, 'f', 0, 64)
+		}
+	}
+	return cr
 }
 
 // consoleEngines are the relays of the process by name; of two engines
@@ -198,7 +227,7 @@ func consoleEngines() map[string]*relay.Engine {
 func (c *Console) overview(w http.ResponseWriter, r *http.Request) {
 	var relays []consoleRelay
 	for name, e := range consoleEngines() {
-		relays = append(relays, consoleRelay{Name: name, Overview: e.Overview(r.Context())})
+		relays = append(relays, newConsoleRelay(r.Context(), name, e))
 	}
 	sort.Slice(relays, func(i, j int) bool { return relays[i].Name < relays[j].Name })
 	c.render(w, http.StatusOK, "overview", pageData{Title: "Relays", Data: relays})

@@ -109,7 +109,7 @@ func TestConsole(t *testing.T) {
 	}
 	_, slowRow, _ := strings.Cut(overview.body, `<tr id="target-con-slow">`)
 	slowRow, _, _ = strings.Cut(slowRow, "</tr>")
-	if !strings.Contains(slowRow, ">1</a>") || !regexp.MustCompile(`<td class="num">\d+s</td>`).MatchString(slowRow) {
+	if !strings.Contains(slowRow, ">1</a>") || !regexp.MustCompile(`<td data-label="Oldest pending" class="num">\d+s</td>`).MatchString(slowRow) {
 		t.Errorf("slow's row shows no pending delivery or no oldest pending age: %s", slowRow)
 	}
 

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"sync"
 	"time"
 
@@ -21,8 +22,10 @@ const (
 // first; the last value is the step in progress.
 type History struct {
 	Step time.Duration `json:"step"`
-	// End is when the last step ends.
+	// End is when the last step ends; Now when the history was read,
+	// within the last step.
 	End time.Time `json:"end"`
+	Now time.Time `json:"now"`
 	// Intake counts answered requests by result (received_total).
 	Intake map[string][]int64 `json:"intake"`
 	// Deliveries counts outcomes by target, then result
@@ -33,18 +36,29 @@ type History struct {
 	Pending map[string][]int64 `json:"pending"`
 }
 
-// Rate is the mean per second of series over its last n complete
-// steps (the step in progress is left out, being partial).
-func (h History) Rate(series []int64, n int) float64 {
-	if n <= 0 || len(series) < 2 {
+// Rate is the mean per second of a count series over the last window
+// (whole steps; the step in progress counts for its elapsed part).
+func (h History) Rate(series []int64, window time.Duration) float64 {
+	n := int(window / h.Step)
+	if n <= 0 || len(series) == 0 {
 		return 0
 	}
-	n = min(n, len(series)-1)
+	elapsed := h.Step - h.End.Sub(h.Now)
+	if elapsed < 0 || elapsed > h.Step {
+		elapsed = h.Step
+	}
+	// The partial step and the n-1 before it, so that the window moves
+	// smoothly rather than by a step at a time.
+	n = min(n, len(series))
 	var sum int64
-	for _, v := range series[len(series)-1-n : len(series)-1] {
+	for _, v := range series[len(series)-n:] {
 		sum += max(v, 0)
 	}
-	return float64(sum) / (float64(n) * h.Step.Seconds())
+	span := time.Duration(n-1)*h.Step + elapsed
+	if span <= 0 {
+		return 0
+	}
+	return float64(sum) / span.Seconds()
 }
 
 func stepOf(t time.Time) int64 { return t.UnixNano() / int64(HistoryStep) }
@@ -180,7 +194,7 @@ func (h *history) pendingRing(target string) *ring {
 func (h *history) snapshot(now time.Time, configured func(string) bool) History {
 	end := stepOf(now)
 	out := History{
-		Step: HistoryStep, End: time.Unix(0, (end+1)*int64(HistoryStep)),
+		Step: HistoryStep, End: time.Unix(0, (end+1)*int64(HistoryStep)), Now: now,
 		Intake: map[string][]int64{}, Deliveries: map[string]map[string][]int64{}, Pending: map[string][]int64{},
 	}
 	h.mu.Lock()
@@ -224,8 +238,11 @@ func (c counter) inc(now time.Time) {
 	c.hist.add(now, 1)
 }
 
-// History returns the relay's last hour.
+// History returns the relay's last hour, its pending counts read now.
 func (e *Engine) History() History {
+	if e.IsOpen() {
+		e.recordPending(context.Background())
+	}
 	return e.hist.snapshot(e.now(), func(target string) bool {
 		e.mu.RLock()
 		defer e.mu.RUnlock()
@@ -241,7 +258,7 @@ func (e *Engine) samplePending() {
 	tick := time.NewTicker(HistoryStep)
 	defer tick.Stop()
 	for {
-		e.recordPending()
+		e.recordPending(e.ctx)
 		select {
 		case <-e.ctx.Done():
 			return
@@ -250,8 +267,8 @@ func (e *Engine) samplePending() {
 	}
 }
 
-func (e *Engine) recordPending() {
-	counts, err := e.counts(e.ctx)
+func (e *Engine) recordPending(ctx context.Context) {
+	counts, err := e.counts(ctx)
 	if err != nil {
 		// A store that is down leaves a gap in the chart; store_up and
 		// the log say why.

@@ -72,16 +72,21 @@ func TestGaugeRingTellsZeroFromNoSample(t *testing.T) {
 }
 
 func TestHistoryRate(t *testing.T) {
-	h := History{Step: 10 * time.Second}
-	series := []int64{100, 10, 20, 30, 999} // the last step is in progress
-	if got := h.Rate(series, 3); got != 2 {
-		t.Errorf("rate over 3 steps %v, want 2/s", got)
+	end := time.Unix(1000, 0)
+	h := History{Step: 10 * time.Second, End: end, Now: end.Add(-5 * time.Second)}
+	series := []int64{100, 10, 20, 30, 5} // the last step is half gone
+	if got, want := h.Rate(series, 30*time.Second), (20.0+30+5)/25; got != want {
+		t.Errorf("rate over 30s %v, want %v (two whole steps and a half)", got, want)
 	}
-	if got := h.Rate(series, 10); got != 160.0/40 {
-		t.Errorf("rate over more steps than held %v, want %v", got, 160.0/40)
+	if got, want := h.Rate(series, time.Hour), 165.0/45; got != want {
+		t.Errorf("rate over more steps than held %v, want %v", got, want)
 	}
-	if got := h.Rate([]int64{-1, -1, 5}, 2); got != 0 {
+	if got := h.Rate([]int64{-1, -1, 0}, 30*time.Second); got != 0 {
 		t.Errorf("rate over gaps %v, want 0", got)
+	}
+	h.Now = end.Add(-h.Step) // read at the very start of a step
+	if got := h.Rate([]int64{0, 0, 0}, 10*time.Second); got != 0 {
+		t.Errorf("rate over an empty step just begun %v, want 0", got)
 	}
 }
 
@@ -110,7 +115,7 @@ func TestEngineHistory(t *testing.T) {
 		now := func(target, result string) int64 { return last(d[target][result], 1)[0] }
 		return now("ok", "delivered") == 3 && now("bad", "dead_lettered") == 3 && now("down", "retried") == 3
 	})
-	e.recordPending()
+	e.recordPending(t.Context())
 	h := e.History()
 	if h.Step != HistoryStep || !h.End.After(clock.Now()) || h.End.Sub(clock.Now()) > HistoryStep {
 		t.Errorf("step %s ending %s at %s", h.Step, h.End, clock.Now())
@@ -133,7 +138,7 @@ func TestEngineHistory(t *testing.T) {
 	waitFor(t, "h4 delivered at ok", 5*time.Second, func() bool {
 		return last(e.History().Deliveries["ok"]["delivered"], 1)[0] == 1
 	})
-	e.recordPending()
+	e.recordPending(t.Context())
 	h = e.History()
 	if got := last(h.Intake[ResultAccepted], 2); !slices.Equal(got, []int64{3, 1}) {
 		t.Errorf("accepted in the last two steps %v, want [3 1]", got)
@@ -141,8 +146,10 @@ func TestEngineHistory(t *testing.T) {
 	if got := last(h.Pending["down"], 2); !slices.Equal(got, []int64{3, 4}) {
 		t.Errorf("pending at down in the last two steps %v, want [3 4]", got)
 	}
-	if got := h.Rate(h.Deliveries["ok"]["delivered"], 1); got != 3/HistoryStep.Seconds() {
-		t.Errorf("delivery rate at ok over the last complete step %v, want %v", got, 3/HistoryStep.Seconds())
+	// The fake clock stands at the same point of each step.
+	elapsed := HistoryStep - h.End.Sub(h.Now)
+	if got, want := h.Rate(h.Deliveries["ok"]["delivered"], 2*HistoryStep), 4/(HistoryStep+elapsed).Seconds(); got != want {
+		t.Errorf("delivery rate at ok over two steps %v, want %v", got, want)
 	}
 
 	// Removed, bad keeps its series while they hold something.
