@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -45,6 +46,11 @@ var (
 // the files written before the version was recorded, plus the key-state
 // buckets: a file without the key is taken for format 1.
 const formatVersion = 1
+
+// formatLogged marks a file whose log may hold events not yet in it: a
+// relay that knows no log (format 1) refuses it. A clean Close, having
+// applied the log, writes format 1 back.
+const formatLogged = 2
 
 // appendFill is the fill of pages in buckets whose keys start with a time:
 // their inserts append, so bbolt's default half-full split would leave
@@ -88,6 +94,9 @@ type BoltOptions struct {
 	// afterBatch, if set, is called by the backlog load after each batch
 	// it queues: tests hold the load there.
 	afterBatch func()
+	// holdLog keeps logged events out of the file, as a crash before
+	// their apply would: tests of the log's replay.
+	holdLog bool
 }
 
 // Bolt is the durable store: one bbolt file. Writes from any number of
@@ -101,15 +110,27 @@ type Bolt struct {
 	now  func() time.Time
 	qs   *localQueues
 
-	ops    chan *op
-	mu     sync.RWMutex // excludes submit and reads from Close
-	closed bool
-	quit   chan struct{}
-	done   chan struct{} // closed when the writer has stopped
-	loaded chan struct{} // closed when the backlog is queued (or Close cut it short)
+	ops chan *op
+	mu  sync.RWMutex // excludes submit and reads from Close
+
+	// The ack path: Accepts go to the logger, which logs them and hands
+	// them to the writer to apply (boltwal.go).
+	wal        *walLog
+	accepts    chan *acceptOp
+	loggerDone chan struct{}
+	logged     unapplied
+	orderSeq   uint64                // the logger's: the last keyed delivery's place
+	applyErr   atomic.Pointer[error] // the last apply's failure, until one succeeds
+	applySoon  chan struct{}
+	applyNow   chan struct{}
+	closed     bool
+	quit       chan struct{}
+	done       chan struct{} // closed when the writer has stopped
+	loaded     chan struct{} // closed when the backlog is queued (or Close cut it short)
 
 	settleDelay time.Duration // settleDelay; tests make it long
 	afterBatch  func()
+	holdLog     bool
 
 	// The counts behind Counts, kept in step by the writes once they are
 	// durable: pendingEvents mirrors keyPendingEvents (plus the events
@@ -187,6 +208,11 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("initialising store %s: %w", path, err)
 	}
+	wal, orderSeq, err := openLog(db, path+walExt)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("opening store %s: %w", path, err)
+	}
 	// The backlog: everything pending now. Writes from here on queue what
 	// they make pending themselves, so nothing is queued twice.
 	snap, err := db.Begin(false)
@@ -214,15 +240,68 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		loaded: make(chan struct{}),
 		dead:   dead,
 
+		wal:        wal,
+		accepts:    make(chan *acceptOp, maxBatch),
+		loggerDone: make(chan struct{}),
+		logged:     unapplied{byID: map[ID]*logged{}},
+		orderSeq:   orderSeq,
+		applySoon:  make(chan struct{}, 1),
+		applyNow:   make(chan struct{}, 1),
+
 		settleDelay: settleDelay,
 		afterBatch:  opts.afterBatch,
+		holdLog:     opts.holdLog,
 	}
 	s.pendingEvents.Store(int64(readPendingEvents(snap)))
 	s.qs = newLocalQueues(now, s)
 	s.qs.loading = true
 	go s.writer()
+	go s.logger()
 	go s.load(snap)
 	return s, nil
+}
+
+// openLog opens the store's log, applies what the last run logged and
+// did not apply, and marks the file as one with a log (format 2) until a
+// clean Close, so that a relay that knows no log refuses it rather than
+// miss what the log holds. It returns the log and the last place given
+// to a keyed delivery.
+func openLog(db *bolt.DB, dir string) (*walLog, uint64, error) {
+	var applied, id uint64
+	err := db.Update(func(tx *bolt.Tx) error {
+		applied = readApplied(tx)
+		var err error
+		if id, err = logID(tx); err != nil {
+			return err
+		}
+		return putFormat(tx, formatLogged)
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	wal, recs, err := openWAL(dir, id, 0, applied)
+	if err != nil {
+		return nil, 0, err
+	}
+	if err := replayLog(db, recs); err != nil {
+		wal.closeFiles()
+		return nil, 0, err
+	}
+	if len(recs) > 0 {
+		wal.release(recs[len(recs)-1].seq)
+	}
+	var orderSeq uint64
+	_ = db.View(func(tx *bolt.Tx) error {
+		orderSeq = tx.Bucket(bucketPending).Sequence()
+		return nil
+	})
+	return wal, orderSeq, nil
+}
+
+func putFormat(tx *bolt.Tx, v uint32) error {
+	b := make([]byte, 4)
+	binary.BigEndian.PutUint32(b, v)
+	return tx.Bucket(bucketMeta).Put(keyFormat, b)
 }
 
 // initFile creates what a new file lacks, checks the format of one that
@@ -244,9 +323,9 @@ func initFile(tx *bolt.Tx) error {
 		}
 	case len(v) != 4:
 		return fmt.Errorf("format version: %w", errCorrupt)
-	case binary.BigEndian.Uint32(v) > formatVersion:
+	case binary.BigEndian.Uint32(v) > formatLogged:
 		return fmt.Errorf("the file has format %d, newer than this relay's %d: it was written by a newer relay; upgrade this one",
-			binary.BigEndian.Uint32(v), formatVersion)
+			binary.BigEndian.Uint32(v), formatLogged)
 	}
 	if meta.Get(keyPendingEvents) != nil {
 		return nil
@@ -347,16 +426,22 @@ func (s *Bolt) Close() error {
 	close(s.quit)
 	s.mu.Unlock()
 	s.qs.close()
+	<-s.loggerDone
 	<-s.done
 	<-s.loaded // its snapshot would keep bbolt's Close waiting
+	// The writer has applied everything logged, unless the file failed.
+	format := uint32(formatVersion)
+	if s.logged.len() > 0 {
+		format = formatLogged
+	}
 	// Write the freelist once, on the way out, so the next open reads it
 	// instead of rebuilding it by reading every page of the file (23 s
 	// for 1,000,000 pending events with a cold page cache). The first
 	// commit after that open drops it again. After a crash the next open
 	// rebuilds it.
 	s.db.NoFreelistSync = false
-	err := s.db.Update(func(*bolt.Tx) error { return nil })
-	return errors.Join(err, s.db.Close())
+	err := s.db.Update(func(tx *bolt.Tx) error { return putFormat(tx, format) })
+	return errors.Join(err, s.wal.closeFiles(), s.db.Close())
 }
 
 // submit runs fn in the next group commit and returns once it is durable,
@@ -401,17 +486,42 @@ func (s *Bolt) writer() {
 	batch := make([]*op, 0, maxBatch)
 	wait := time.NewTimer(settleDelay)
 	wait.Stop()
+	// apply is armed while logged events wait for a commit to carry them.
+	apply := time.NewTimer(applyInterval)
+	apply.Stop()
+	armed := false
+	arm := func() {
+		if !armed {
+			apply.Reset(applyInterval)
+			armed = true
+		}
+	}
 	for {
 		var first *op
 		select {
 		case first = <-s.ops:
+		case <-s.applyNow:
+			s.commit(nil)
+			continue
+		case <-s.applySoon:
+			arm()
+			continue
+		case <-apply.C:
+			armed = false
+			if !s.commit(nil) {
+				arm() // the file failed: try again
+			}
+			continue
 		case <-s.quit:
-			// No submit can send any more: commit what is queued.
+			// No submit can send any more, and once the logger has
+			// stopped nothing more is logged: commit what is queued.
+			<-s.loggerDone
 			for {
 				select {
 				case o := <-s.ops:
 					s.commit(append(batch[:0], o))
 				default:
+					s.commit(nil)
 					return
 				}
 			}
@@ -420,29 +530,35 @@ func (s *Bolt) writer() {
 		if first.later {
 			batch = s.waitForCompany(batch, wait)
 		}
-		// Let the goroutines that are ready to run queue their writes
-		// before this commit starts. Without it, with one CPU the writer
-		// runs as soon as the first write is queued (the scheduler runs
-		// a goroutine woken by a channel next), commits it alone, and
-		// every request pays a whole fsync of its own.
-		for range 4 {
-			n := len(s.ops)
-			runtime.Gosched()
-			if len(s.ops) == n {
-				break
-			}
+		batch = gather(s.ops, batch)
+		if !s.commit(batch) {
+			arm()
 		}
-	fill:
-		for len(batch) < maxBatch {
-			select {
-			case o := <-s.ops:
-				batch = append(batch, o)
-			default:
-				break fill
-			}
-		}
-		s.commit(batch)
 	}
+}
+
+// gather adds to batch what ch holds, after letting the goroutines that
+// are ready to run queue theirs. Without that, with one CPU the writer
+// runs as soon as the first write is queued (the scheduler runs a
+// goroutine woken by a channel next), commits it alone, and every request
+// pays a whole fsync of its own.
+func gather[T any](ch chan T, batch []T) []T {
+	for range 4 {
+		n := len(ch)
+		runtime.Gosched()
+		if len(ch) == n {
+			break
+		}
+	}
+	for len(batch) < maxBatch {
+		select {
+		case o := <-ch:
+			batch = append(batch, o)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // waitForCompany adds queued writes to a batch of writes nobody waits for,
@@ -471,8 +587,23 @@ type opError struct{ err error }
 
 func (e opError) Error() string { return e.err.Error() }
 
-func (s *Bolt) commit(batch []*op) {
+// commit applies the logged events, then runs batch, in one transaction.
+// It reports whether the logged events are in the file (or there were
+// none).
+func (s *Bolt) commit(batch []*op) bool {
+	var ls []*logged
+	if !s.holdLog {
+		ls = s.logged.take()
+	}
+	if len(batch) == 0 && len(ls) == 0 {
+		return true
+	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
+		if len(ls) > 0 {
+			if err := applyLoggedTx(tx, ls); err != nil {
+				return err
+			}
+		}
 		for _, o := range batch {
 			if err := o.fn(tx); err != nil {
 				return opError{err}
@@ -481,20 +612,65 @@ func (s *Bolt) commit(batch []*op) {
 		return nil
 	})
 	var oe opError
-	if errors.As(err, &oe) && len(batch) > 1 {
+	if errors.As(err, &oe) && len(batch) > 1 || errors.As(err, &oe) && len(ls) > 0 {
 		// One write failed on its own account: give each its own
-		// transaction so the others are not lost with it.
+		// transaction so the others are not lost with it, the logged
+		// events first (the writes may be outcomes of their deliveries).
+		if len(ls) > 0 {
+			err := s.db.Update(func(tx *bolt.Tx) error { return applyLoggedTx(tx, ls) })
+			if !s.applied(ls, err) {
+				for _, o := range batch {
+					o.finish(err)
+				}
+				return false
+			}
+		}
 		for _, o := range batch {
 			o.finish(s.db.Update(o.fn))
 		}
-		return
+		return true
 	}
 	if errors.As(err, &oe) {
 		err = oe.err
 	}
+	if err != nil && len(ls) > applyChunk {
+		// Perhaps too much for the room left: what fits goes in, so
+		// that freed space is used as it comes.
+		for err == nil || len(ls) > 0 {
+			n := min(len(ls), applyChunk)
+			chunk := ls[:n]
+			cerr := s.db.Update(func(tx *bolt.Tx) error { return applyLoggedTx(tx, chunk) })
+			if cerr != nil {
+				break
+			}
+			s.applied(chunk, nil)
+			ls = ls[n:]
+		}
+	}
+	ok := s.applied(ls, err)
 	for _, o := range batch {
 		o.finish(err)
 	}
+	return ok && len(ls) == 0
+}
+
+// applied settles the logged events of a commit: forgotten once in the
+// file, their log records released; put back for the next commit if the
+// commit failed, and Accepts refused meanwhile (err is why).
+func (s *Bolt) applied(ls []*logged, err error) bool {
+	if len(ls) == 0 {
+		return true
+	}
+	if err != nil {
+		s.logged.done(ls, false)
+		err = fmt.Errorf("writing logged events into the file: %w", err)
+		s.applyErr.Store(&err)
+		return false
+	}
+	s.logged.done(ls, true)
+	s.wal.release(ls[len(ls)-1].seq)
+	s.applyErr.Store(nil)
+	return true
 }
 
 func (s *Bolt) view(fn func(*bolt.Tx) error) error {
@@ -655,6 +831,22 @@ func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts Acc
 	if err != nil {
 		return false, fmt.Errorf("accepting event %s: %w", ev.ID, err)
 	}
+	// Checked here, not when the log is applied: a record the file
+	// refuses would stop every write behind it.
+	for i, t := range targets {
+		if t == "" {
+			return false, fmt.Errorf("accepting event %s: %w", ev.ID, bolterrors.ErrBucketNameRequired)
+		}
+		if len(t) > min(bolt.MaxKeySize, math.MaxUint16) {
+			return false, fmt.Errorf("accepting event %s: target name of %d bytes: %w", ev.ID, len(t), bolterrors.ErrKeyTooLarge)
+		}
+		if orderKeys != nil && len(orderKeys[i]) > math.MaxUint16 {
+			return false, fmt.Errorf("accepting event %s: order key of %d bytes, at most %d", ev.ID, len(orderKeys[i]), math.MaxUint16)
+		}
+	}
+	if len(ev.ContentType) > math.MaxUint16 {
+		return false, fmt.Errorf("accepting event %s: content type of %d bytes", ev.ID, len(ev.ContentType))
+	}
 	if len(targets) > 0 && !s.reserve(opts.MaxPending) {
 		// A duplicate is one still, full or not: the sender may stop
 		// sending it.
@@ -664,95 +856,38 @@ func (s *Bolt) Accept(ctx context.Context, ev *Event, targets []string, opts Acc
 		}
 		return false, ErrFull
 	}
-	var dup bool
-	var seq uint64
-	id := ev.ID
-	recv := ev.ReceivedAt.UnixNano()
-	err = s.submit(func(tx *bolt.Tx) error {
-		dup, seq = false, 0
-		keys := tx.Bucket(bucketKeys)
-		exps := tx.Bucket(bucketKeyExp)
-		if x, ok := getIndex(tx, id); ok {
-			if x.expiry > recv || tx.Bucket(bucketEvents).Get(refAt(x.recv, id)) != nil {
-				dup = true
-				return nil
-			}
-			if x.expiry != 0 {
-				if err := exps.Delete(expKey(x.expiry, id[:])); err != nil {
-					return err
-				}
-			}
-		}
-		if opts.KeyExpiry.IsZero() && len(targets) == 0 {
-			return nil
-		}
-		x := index{recv: recv}
-		if !opts.KeyExpiry.IsZero() {
-			x.expiry = opts.KeyExpiry.UnixNano()
-			exps.FillPercent = appendFill
-			if err := exps.Put(expKey(x.expiry, id[:]), nil); err != nil {
-				return err
-			}
-		}
-		if err := keys.Put(id[:], x.encode()); err != nil {
-			return err
-		}
-		if len(targets) == 0 {
-			return nil
-		}
-		ref := makeRef(ev.ReceivedAt, id)
-		events := tx.Bucket(bucketEvents)
-		events.FillPercent = appendFill
-		if err := events.Put(ref, encodeEvent(uint32(len(targets)), 0, ev)); err != nil {
-			return err
-		}
-		if err := addPendingEvents(tx, 1); err != nil {
-			return err
-		}
-		pending := tx.Bucket(bucketPending)
-		if orderKeys != nil {
-			var err error
-			if seq, err = pending.NextSequence(); err != nil {
-				return err
-			}
-		}
-		d := encodeDelivery(&Delivery{NextAt: ev.ReceivedAt}, 0)
-		for i, t := range targets {
-			b, err := pending.CreateBucketIfNotExists([]byte(t))
-			if err != nil {
-				return err
-			}
-			b.FillPercent = appendFill
-			v := d
-			if orderKeys != nil && orderKeys[i] != "" {
-				v = encodeDelivery(&Delivery{NextAt: ev.ReceivedAt, OrderKey: orderKeys[i]}, seq)
-			}
-			if err := b.Put(ref, v); err != nil {
-				return err
-			}
-		}
-		return nil
-	}, func() {
-		if dup {
-			return
-		}
-		for i, t := range targets {
-			it := item{due: recv, recv: recv, id: id}
-			if orderKeys == nil || orderKeys[i] == "" {
-				s.qs.get(t).push(it)
-			} else {
-				s.qs.get(t).pushKeyed(keyedItem{it: it, key: orderKeys[i], seq: seq})
-			}
-		}
-	})
+	a := acceptPool.Get().(*acceptOp)
+	a.l = logged{ev: ev, targets: targets, orderKeys: orderKeys}
+	if !opts.KeyExpiry.IsZero() {
+		a.l.keyExpiry = opts.KeyExpiry.UnixNano()
+	}
+	a.dup = false
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		err = ErrClosed
+	} else {
+		s.accepts <- a
+		s.mu.RUnlock()
+		err = <-a.done
+	}
+	dup := a.dup
+	a.l = logged{}
+	acceptPool.Put(a)
 	if len(targets) > 0 && (err != nil || dup) {
 		s.pendingEvents.Add(-1)
 	}
-	return dup, err
+	if err != nil {
+		return false, err
+	}
+	return dup, nil
 }
 
 // Seen implements Intake.
 func (s *Bolt) Seen(_ context.Context, id ID, now time.Time) (bool, error) {
+	if l := s.logged.get(id); l != nil && (l.keyExpiry > now.UnixNano() || len(l.targets) > 0) {
+		return true, nil
+	}
 	var seen bool
 	err := s.view(func(tx *bolt.Tx) error {
 		x, ok := getIndex(tx, id)
@@ -784,6 +919,10 @@ func (s *Bolt) take(ctx context.Context, q *localQueue) (Lease, error) {
 		}
 		var ev *Event
 		ref := refAt(it.recv, it.id)
+		if l := s.logged.get(it.id); l != nil && l.ev.ReceivedAt.UnixNano() == it.recv {
+			// Logged, not yet in the file: nothing can have settled it.
+			return &localLease{q: q, it: it, key: key, epoch: epoch, ev: l.ev}, nil
+		}
 		err = s.view(func(tx *bolt.Tx) error {
 			pb := tx.Bucket(bucketPending).Bucket([]byte(q.target))
 			if pb == nil || pb.Get(ref) == nil {
@@ -1400,6 +1539,14 @@ func (s *Bolt) Counts(context.Context) (Counts, error) {
 		c.Targets[t] = tc
 	}
 	s.deadMu.Unlock()
+	// The oldest logged event of each target first, then the file's
+	// (read after: an event leaves the logged set once in the file).
+	for t, at := range s.logged.oldest() {
+		if tc, ok := c.Targets[t]; ok {
+			tc.OldestPending = at
+			c.Targets[t] = tc
+		}
+	}
 	err := s.view(func(tx *bolt.Tx) error {
 		pending := tx.Bucket(bucketPending)
 		return pending.ForEachBucket(func(name []byte) error {
@@ -1412,7 +1559,9 @@ func (s *Bolt) Counts(context.Context) (Counts, error) {
 				return err
 			}
 			tc := c.Targets[string(name)]
-			tc.OldestPending = at
+			if tc.OldestPending.IsZero() || at.Before(tc.OldestPending) {
+				tc.OldestPending = at
+			}
 			c.Targets[string(name)] = tc
 			return nil
 		})
@@ -1427,6 +1576,9 @@ func (s *Bolt) Counts(context.Context) (Counts, error) {
 // first, read in one view transaction and paged with the cursors of
 // DeadLetters. A delivery leased now is pending in the file, so listed.
 func (s *Bolt) ListPending(_ context.Context, target, cursor string, limit int) ([]Delivery, string, error) {
+	if err := s.flush(); err != nil {
+		return nil, "", fmt.Errorf("listing pending deliveries: %w", err)
+	}
 	limit = listLimit(limit)
 	var list []Delivery
 	var next string
@@ -1451,6 +1603,9 @@ func (s *Bolt) ListPending(_ context.Context, target, cursor string, limit int) 
 // Lookup implements Inspector: the event by its id index, and its
 // deliveries by its ref in every target's buckets.
 func (s *Bolt) Lookup(_ context.Context, id ID) (EventState, error) {
+	if err := s.flush(); err != nil {
+		return EventState{}, fmt.Errorf("looking up event %s: %w", id, err)
+	}
 	var st EventState
 	err := s.view(func(tx *bolt.Tx) error {
 		e, err := lookup(tx, id)
@@ -1509,6 +1664,9 @@ func (s *Bolt) Lookup(_ context.Context, id ID) (EventState, error) {
 // target, oldest event first: for tests and tools that look at what a
 // relay left.
 func (s *Bolt) Pending(fn func(d *Delivery) error) error {
+	if err := s.flush(); err != nil {
+		return err
+	}
 	return s.view(func(tx *bolt.Tx) error {
 		pending := tx.Bucket(bucketPending)
 		return pending.ForEachBucket(func(target []byte) error {
@@ -1541,6 +1699,9 @@ type Stats struct {
 // not from the count the writes keep, so that Counts can be checked
 // against it.
 func (s *Bolt) Stats(time.Time) (Stats, error) {
+	if err := s.flush(); err != nil {
+		return Stats{}, err
+	}
 	var st Stats
 	err := s.view(func(tx *bolt.Tx) error {
 		var err error

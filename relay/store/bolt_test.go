@@ -308,20 +308,20 @@ func TestBoltRefusesNewerFormat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyFormat, []byte{0, 0, 0, 2}) }); err != nil {
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyFormat, []byte{0, 0, 0, 3}) }); err != nil {
 		t.Fatal(err)
 	}
 	db.Close()
 	s, err = OpenBolt(path, BoltOptions{Timeout: time.Second})
 	if err == nil {
 		s.Close()
-		t.Fatal("OpenBolt of a format 2 file succeeded")
+		t.Fatal("OpenBolt of a format 3 file succeeded")
 	}
-	if msg := err.Error(); !strings.Contains(msg, path) || !strings.Contains(msg, "format 2") || !strings.Contains(msg, "newer") {
+	if msg := err.Error(); !strings.Contains(msg, path) || !strings.Contains(msg, "format 3") || !strings.Contains(msg, "newer") {
 		t.Errorf("error %q does not name the file and say its format is newer", msg)
 	}
 	// Nothing was written: the file is still the newer relay's.
-	if v := readFormat(t, path); binary.BigEndian.Uint32(v) != 2 {
+	if v := readFormat(t, path); binary.BigEndian.Uint32(v) != 3 {
 		t.Errorf("format key after the refused open = %x", v)
 	}
 }
@@ -484,8 +484,10 @@ func TestBoltFailedWriteSparesItsBatch(t *testing.T) {
 }
 
 // TestBoltAckNeverWaitsForHeldOutcomes: outcomes nobody waits for wait
-// for company (here an hour), and an ack's write queued behind them takes
-// them along at once; by the time it returns, their callbacks have run.
+// for company (here an hour); an ack does not wait for them (it goes to
+// the log, not to the file's writer), and the next write somebody waits
+// for takes them along at once: by the time it returns, their callbacks
+// have run.
 func TestBoltAckNeverWaitsForHeldOutcomes(t *testing.T) {
 	clock := newFakeClock(testT0)
 	s := openTestBolt(t, filepath.Join(t.TempDir(), "relay.db"), clock.Now)
@@ -515,8 +517,11 @@ func TestBoltAckNeverWaitsForHeldOutcomes(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the ack waited for the outcomes' delay")
 	}
+	if _, err := s.SetState(context.Background(), "test", "k", []byte("v"), 0, testT0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
 	if n := len(got); n != 2 {
-		t.Fatalf("%d of 2 outcomes reported when the ack after them returned", n)
+		t.Fatalf("%d of 2 outcomes reported when a write after them returned", n)
 	}
 	for range 2 {
 		if err := <-got; err != nil {
