@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // walTestEvent is an event whose body has the same length for every n
@@ -530,4 +532,91 @@ func checkTornStore(t *testing.T, path string, clock *fakeClock, earlier, last [
 		t.Fatalf("Close: %v", err)
 	}
 	wantFormat(t, path, formatVersion)
+}
+
+// TestBoltOpensFormat1Release opens testdata/v1-relay.db.gz, written by
+// the release before the log (format 1), received from 2026-12-01
+// 12:00:00 UTC plus n seconds for event n: events 1-4 pending at o, 1, 2
+// and 4 with order key k (in that order), 3 without; at a, 1-3 delivered
+// and 4 dead (400). Everything is there, the keyed deliveries keep their
+// order, a new keyed event goes behind them, the file says format 2 while
+// open and 1 after a clean Close.
+func TestBoltOpensFormat1Release(t *testing.T) {
+	dir := t.TempDir()
+	path := unzipFixture(t, "v1-relay.db", dir)
+	if v := readFormat(t, path); binary.BigEndian.Uint32(v) != 1 {
+		t.Fatalf("fixture's format %x, want 1", v)
+	}
+	recv := func(n int) time.Time { return time.Date(2026, 12, 1, 12, 0, n, 0, time.UTC) }
+	clock := newFakeClock(recv(10))
+	s := openTestBolt(t, path, clock.Now)
+	waitLoaded(t, s)
+	ctx := context.Background()
+	c := checkCounts(t, s)
+	if c.PendingEvents != 4 || c.Targets["o"].Pending != 4 || c.Targets["a"].Dead != 1 || c.Targets["a"].Pending != 0 {
+		t.Errorf("Counts = %+v", c)
+	}
+	if v := readFormatOpen(t, s); v != formatLogged {
+		t.Errorf("format while open %d, want %d", v, formatLogged)
+	}
+	for n := 1; n <= 4; n++ {
+		if seen, err := s.Seen(ctx, testID(n), recv(10)); err != nil || !seen {
+			t.Errorf("Seen(%d) = %v, %v", n, seen, err)
+		}
+	}
+	if _, err := s.Accept(ctx, testEvent(5, recv(5)), []string{"o"}, AcceptOptions{OrderKeys: []string{"k"}}); err != nil {
+		t.Fatal(err)
+	}
+	q, err := s.Queue("o", QueueOptions{Ordered: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Unkeyed 3 comes as it falls due; k's line is 1, 2, 4, then 5.
+	var order []ID
+	for len(order) < 5 {
+		l := takeWithin(t, q, 5*time.Second)
+		order = append(order, l.Delivery().ID)
+		ev, n := l.Event(), 0
+		for i := 1; i <= 5; i++ {
+			if ev.ID == testID(i) {
+				n = i
+			}
+		}
+		if want := fmt.Sprintf(`{"n":%d}`, n); n == 0 || string(ev.Body) != want {
+			t.Errorf("event %s body %q, want %s", ev.ID, ev.Body, want)
+		}
+		settleNow(t, l, Delivered, &Delivery{Attempts: 1})
+	}
+	var keyed []ID
+	for _, id := range order {
+		if id != testID(3) {
+			keyed = append(keyed, id)
+		}
+	}
+	if want := []ID{testID(1), testID(2), testID(4), testID(5)}; !slices.Equal(keyed, want) {
+		t.Errorf("keyed deliveries in order %v, want %v", keyed, want)
+	}
+	dl, _, err := s.DeadLetters(ctx, "a", "", 10)
+	if err != nil || len(dl) != 1 || dl[0].ID != testID(4) || dl[0].LastStatus != 400 {
+		t.Errorf("DeadLetters = %+v, %v", dl, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if v := readFormat(t, path); binary.BigEndian.Uint32(v) != 1 {
+		t.Errorf("format after a clean Close %x, want 1", v)
+	}
+}
+
+// readFormatOpen reads the format key of an open store.
+func readFormatOpen(t *testing.T, s *Bolt) uint32 {
+	t.Helper()
+	var v uint32
+	if err := s.view(func(tx *bolt.Tx) error {
+		v = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keyFormat))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
