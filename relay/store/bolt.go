@@ -604,9 +604,12 @@ func (s *Bolt) commit(batch []*op) bool {
 				return err
 			}
 		}
-		for _, o := range batch {
+		for i, o := range batch {
 			if err := o.fn(tx); err != nil {
 				return opError{err}
+			}
+			if i%yieldEvery == yieldEvery-1 {
+				runtime.Gosched()
 			}
 		}
 		return nil

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -44,6 +45,9 @@ const (
 	applyBatch = 4096
 	applyBytes = 256 << 10
 )
+
+// yieldEvery is how many writes of a commit run between two yields.
+const yieldEvery = 16
 
 // applyChunk is how many logged events a transaction takes when a
 // transaction of all of them failed: on a disk with little room the
@@ -491,9 +495,14 @@ func (s *Bolt) flush() error {
 
 // applyLoggedTx writes ls into tx and records how far the log is applied.
 func applyLoggedTx(tx *bolt.Tx, ls []*logged) error {
-	for _, l := range ls {
+	for i, l := range ls {
 		if err := applyLogged(tx, l); err != nil {
 			return err
+		}
+		if i%yieldEvery == yieldEvery-1 {
+			// A large apply is milliseconds of tree work: on a busy
+			// core, an ack waiting for the log must not wait for it.
+			runtime.Gosched()
 		}
 	}
 	return putApplied(tx, ls[len(ls)-1].seq)
