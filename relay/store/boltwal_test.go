@@ -163,12 +163,7 @@ func TestBoltWALSettledBeforeApplyReplaysPending(t *testing.T) {
 	settleNow(t, l, Delivered, &Delivery{Attempts: 1, LastStatus: 200})
 	mustClose(t, s)
 
-	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second, Now: clock.Now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	waitLoaded(t, s)
+	s = reopenBolt(t, path, clock.Now)
 	checkStored(t, s, walTestEvent(1), "a")
 	checkStored(t, s, walTestEvent(2), "a")
 	c := checkCounts(t, s)
@@ -251,12 +246,7 @@ func TestBoltWALDedupe(t *testing.T) {
 	check(s, "logged")
 	mustClose(t, s)
 
-	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second, Now: clock.Now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	waitLoaded(t, s)
+	s = reopenBolt(t, path, clock.Now)
 	check(s, "replayed")
 	c := checkCounts(t, s)
 	if c.PendingEvents != 2 || c.Targets["a"].Pending != 2 {
@@ -304,27 +294,28 @@ func readSegments(t *testing.T, dir string) map[string][]byte {
 	return out
 }
 
-// chainOf returns the valid records of a segment's contents.
-func chainOf(t *testing.T, data []byte) []walRecord {
+// reopenBolt opens the store at path again, closed at the test's end,
+// and waits for its backlog.
+func reopenBolt(t *testing.T, path string, now func() time.Time) *Bolt {
 	t.Helper()
-	f, err := os.CreateTemp(t.TempDir(), "seg")
+	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second, Now: now})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	if _, err := f.Write(data); err != nil {
-		t.Fatal(err)
-	}
-	// The segment's own log id: the store's is in its file's meta.
+	t.Cleanup(func() { s.Close() })
+	waitLoaded(t, s)
+	return s
+}
+
+// chainOf returns the valid records of a segment's contents, of the log
+// its header names (the store's id is in its file's meta).
+func chainOf(t *testing.T, data []byte) []walRecord {
+	t.Helper()
 	var id uint64
 	if len(data) >= walHeaderLen {
 		id = binary.LittleEndian.Uint64(data[8:])
 	}
-	_, recs, err := readSegment(f, int64(len(data)), id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return recs
+	return segmentRecords(t, data, id)
 }
 
 // syscallWrites is how many write system calls the process has made, if

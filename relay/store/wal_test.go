@@ -255,8 +255,9 @@ func TestWALOversizeGroup(t *testing.T) {
 	}
 }
 
-// recordEnds returns where each record of a segment's valid chain ends.
-func recordEnds(t *testing.T, data []byte) []int {
+// segmentRecords returns the valid records of a segment's contents, of
+// log id.
+func segmentRecords(t *testing.T, data []byte, id uint64) []walRecord {
 	t.Helper()
 	f, err := os.CreateTemp(t.TempDir(), "seg")
 	if err != nil {
@@ -266,10 +267,17 @@ func recordEnds(t *testing.T, data []byte) []int {
 	if _, err := f.Write(data); err != nil {
 		t.Fatal(err)
 	}
-	_, recs, err := readSegment(f, int64(len(data)), testLogID)
+	_, recs, err := readSegment(f, int64(len(data)), id)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return recs
+}
+
+// recordEnds returns where each record of a segment's valid chain ends.
+func recordEnds(t *testing.T, data []byte) []int {
+	t.Helper()
+	recs := segmentRecords(t, data, testLogID)
 	var ends []int
 	off := walHeaderLen
 	for _, r := range recs {
