@@ -403,7 +403,10 @@ func (s *Bolt) logGroup(batch []*acceptOp) {
 		unknown = append(unknown, a)
 	}
 	if len(unknown) > 0 {
-		err := s.view(func(tx *bolt.Tx) error {
+		// Not s.view: its lock would wait behind a Close waiting for an
+		// Accept blocked on a full queue to this goroutine. The file
+		// stays open until the logger has stopped.
+		err := s.db.View(func(tx *bolt.Tx) error {
 			for _, a := range unknown {
 				id := a.l.ev.ID
 				if x, ok := getIndex(tx, id); ok {

@@ -9,10 +9,12 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -610,4 +612,66 @@ func readFormatOpen(t *testing.T, s *Bolt) uint32 {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// TestBoltCloseWithAcceptsQueued: Close while thousands of Accepts are
+// queued for the log (more than its queue holds) returns, every Accept
+// returns, and every one acked is in the file at the next open.
+func TestBoltCloseWithAcceptsQueued(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "relay.db")
+	clock := newFakeClock(testT0)
+	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3 * maxBatch
+	acked := make([]bool, n)
+	var nacked atomic.Int64
+	var wg sync.WaitGroup
+	started := make(chan struct{})
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-started
+			_, err := s.Accept(context.Background(), testEvent(i, testT0), []string{"a"}, AcceptOptions{KeyExpiry: testT0.Add(time.Hour)})
+			switch {
+			case err == nil:
+				acked[i] = true
+				nacked.Add(1)
+			case !errors.Is(err, ErrClosed):
+				t.Errorf("Accept %d: %v", i, err)
+			}
+		}()
+	}
+	close(started)
+	// Close once acks flow, with the log's queue full behind them.
+	for nacked.Load() < 64 {
+		runtime.Gosched()
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return with Accepts queued")
+	}
+	wg.Wait()
+	s = reopenBolt(t, path, clock.Now)
+	want := 0
+	for i, ok := range acked {
+		if !ok {
+			continue
+		}
+		want++
+		if seen, err := s.Seen(context.Background(), testID(i), testT0); err != nil || !seen {
+			t.Errorf("acked event %d not in the file after Close: %v, %v", i, seen, err)
+		}
+	}
+	if c := checkCounts(t, s); c.PendingEvents != want {
+		t.Errorf("%d pending after reopen, %d acked", c.PendingEvents, want)
+	}
 }
