@@ -1130,9 +1130,7 @@ func (s *Bolt) Retire(_ context.Context, target, reason string) (int, error) {
 
 // DeadLetters implements DeadLetters.
 func (s *Bolt) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
-	if limit <= 0 {
-		limit = 100
-	}
+	limit = ListLimit(limit)
 	var list []DeadLetter
 	var next string
 	err := s.view(func(tx *bolt.Tx) error {
@@ -1582,7 +1580,7 @@ func (s *Bolt) ListPending(_ context.Context, target, cursor string, limit int) 
 	if err := s.flush(); err != nil {
 		return nil, "", fmt.Errorf("listing pending deliveries: %w", err)
 	}
-	limit = listLimit(limit)
+	limit = ListLimit(limit)
 	var list []Delivery
 	var next string
 	err := s.view(func(tx *bolt.Tx) error {

@@ -333,9 +333,7 @@ func sortedDeliveries(m map[ID]*Delivery) []*Delivery {
 
 // DeadLetters implements DeadLetters.
 func (s *Memory) DeadLetters(_ context.Context, target, cursor string, limit int) ([]DeadLetter, string, error) {
-	if limit <= 0 {
-		limit = 100
-	}
+	limit = ListLimit(limit)
 	if err := s.lock(); err != nil {
 		return nil, "", err
 	}
@@ -552,7 +550,7 @@ func (s *Memory) Counts(context.Context) (Counts, error) {
 // ListPending implements Inspector: target by target, oldest event
 // first, paged with the cursors of DeadLetters.
 func (s *Memory) ListPending(_ context.Context, target, cursor string, limit int) ([]Delivery, string, error) {
-	limit = listLimit(limit)
+	limit = ListLimit(limit)
 	if err := s.lock(); err != nil {
 		return nil, "", err
 	}

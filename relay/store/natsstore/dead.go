@@ -59,16 +59,10 @@ func (s *Store) DeadLetters(ctx context.Context, target, cursor string, limit in
 	if _, err := s.ready(); err != nil {
 		return nil, "", err
 	}
-	if limit <= 0 {
-		limit = 100
-	}
-	var from uint64 = 1
-	if cursor != "" {
-		c, err := strconv.ParseUint(cursor, 10, 64)
-		if err != nil {
-			return nil, "", errors.New("invalid cursor")
-		}
-		from = c + 1
+	limit = store.ListLimit(limit)
+	from, err := pageStart(cursor)
+	if err != nil {
+		return nil, "", err
 	}
 	ctx, cancel := s.bounded(ctx)
 	defer cancel()

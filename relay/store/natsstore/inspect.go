@@ -14,17 +14,23 @@ import (
 	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
-const (
-	// defaultListLimit and maxListLimit bound a page of ListPending, as
-	// the stores of one process do: one admin request must not read a
-	// million messages.
-	defaultListLimit = 100
-	maxListLimit     = 1000
-	// recordReads is how many attempt records a listing reads at once:
-	// one round trip each, which one after the other would pace a page of
-	// a thousand.
-	recordReads = 16
-)
+// recordReads is how many attempt records a listing reads at once: one
+// round trip each, which one after the other would pace a page of a
+// thousand.
+const recordReads = 16
+
+// pageStart is the stream sequence a page starts at: after the cursor,
+// the sequence of the last message of the page before.
+func pageStart(cursor string) (uint64, error) {
+	if cursor == "" {
+		return 1, nil
+	}
+	c, err := strconv.ParseUint(cursor, 10, 64)
+	if err != nil {
+		return 0, errors.New("invalid cursor")
+	}
+	return c + 1, nil
+}
 
 // ListPending implements store.Store: the deliveries in the work-queue
 // stream's order (when each was stored; a retry stays where it was, a
@@ -37,19 +43,10 @@ func (s *Store) ListPending(ctx context.Context, target, cursor string, limit in
 	if err != nil {
 		return nil, "", err
 	}
-	switch {
-	case limit <= 0:
-		limit = defaultListLimit
-	case limit > maxListLimit:
-		limit = maxListLimit
-	}
-	var from uint64 = 1
-	if cursor != "" {
-		c, err := strconv.ParseUint(cursor, 10, 64)
-		if err != nil {
-			return nil, "", errors.New("invalid cursor")
-		}
-		from = c + 1
+	limit = store.ListLimit(limit)
+	from, err := pageStart(cursor)
+	if err != nil {
+		return nil, "", err
 	}
 	filter := s.n.stream + ".d.>"
 	if target != "" {
