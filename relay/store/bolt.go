@@ -615,46 +615,52 @@ func (s *Bolt) commit(batch []*op) bool {
 		return nil
 	})
 	var oe opError
-	if errors.As(err, &oe) && len(batch) > 1 || errors.As(err, &oe) && len(ls) > 0 {
+	own := errors.As(err, &oe)
+	if own {
+		err = oe.err
+	}
+	switch {
+	case err == nil:
+		s.applied(ls, nil)
+	case own && (len(batch) > 1 || len(ls) > 0):
 		// One write failed on its own account: give each its own
 		// transaction so the others are not lost with it, the logged
 		// events first (the writes may be outcomes of their deliveries).
-		if len(ls) > 0 {
-			err := s.db.Update(func(tx *bolt.Tx) error { return applyLoggedTx(tx, ls) })
-			if !s.applied(ls, err) {
-				for _, o := range batch {
-					o.finish(err)
-				}
-				return false
+		if err := s.applyApart(ls, len(ls)); err != nil {
+			for _, o := range batch {
+				o.finish(err)
 			}
+			return false
 		}
 		for _, o := range batch {
 			o.finish(s.db.Update(o.fn))
 		}
 		return true
+	default:
+		// The file failed: perhaps too much for the room left, so what
+		// fits goes in, and freed space is used as it comes.
+		s.applyApart(ls, applyChunk)
 	}
-	if errors.As(err, &oe) {
-		err = oe.err
-	}
-	if err != nil && len(ls) > applyChunk {
-		// Perhaps too much for the room left: what fits goes in, so
-		// that freed space is used as it comes.
-		for err == nil || len(ls) > 0 {
-			n := min(len(ls), applyChunk)
-			chunk := ls[:n]
-			cerr := s.db.Update(func(tx *bolt.Tx) error { return applyLoggedTx(tx, chunk) })
-			if cerr != nil {
-				break
-			}
-			s.applied(chunk, nil)
-			ls = ls[n:]
-		}
-	}
-	ok := s.applied(ls, err)
 	for _, o := range batch {
 		o.finish(err)
 	}
-	return ok && len(ls) == 0
+	return s.applyErr.Load() == nil
+}
+
+// applyApart applies logged events in transactions of their own, size at
+// a time, until one fails; the rest wait for the next commit. It returns
+// that failure.
+func (s *Bolt) applyApart(ls []*logged, size int) error {
+	for len(ls) > 0 {
+		chunk := ls[:min(len(ls), size)]
+		if err := s.db.Update(func(tx *bolt.Tx) error { return applyLoggedTx(tx, chunk) }); err != nil {
+			s.applied(ls, err)
+			return err
+		}
+		s.applied(chunk, nil)
+		ls = ls[len(chunk):]
+	}
+	return nil
 }
 
 // applied settles the logged events of a commit: forgotten once in the

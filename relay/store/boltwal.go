@@ -310,7 +310,7 @@ func (u *unapplied) done(ls []*logged, committed bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if !committed {
-		u.order = append(ls, u.order...)
+		u.order = slices.Concat(ls, u.order)
 		for _, l := range ls {
 			u.bytes += len(l.ev.Body)
 		}

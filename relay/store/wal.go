@@ -370,13 +370,6 @@ func (w *walLog) release(seq uint64) {
 	w.segs = kept
 }
 
-// pendingRecords reports whether records are logged and not applied.
-func (w *walLog) pendingRecords() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.next-1 > w.applied
-}
-
 func (w *walLog) closeFiles() error {
 	var errs []error
 	for _, s := range w.segs {
