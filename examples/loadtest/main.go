@@ -38,6 +38,7 @@
 //	go run ./examples/loadtest                       # about 5 minutes
 //	go run ./examples/loadtest -duration 60s -restart-pending 1000000 -fill-timeout 10m
 //	go run ./examples/loadtest -scenarios burst -pprof /tmp/prof   # with Caddy's profiles
+//	go run ./examples/loadtest -scenarios latency -servers respond,relay-bolt -pprof /tmp/prof   # and traces
 //	go run ./examples/loadtest -scenarios burst,latency -servers respond,relay-bolt,relay-nats
 //	go run ./examples/loadtest -scenarios burst -servers respond,relay-bolt,relay-bolt-jq -duration 2s -rounds 1
 //
@@ -110,7 +111,7 @@ func run() int {
 	flag.DurationVar(&o.fillTimeout, "fill-timeout", 30*time.Second, "longest time to send the backlog, and again the restart-pending events")
 	flag.IntVar(&o.rounds, "rounds", 3, "burst rounds, each running every server once; the targets use the median of the rounds' ratios")
 	flag.IntVar(&o.sustainSteps, "sustain-steps", 3, "rates tried by the sustained scenario (a search between the burst's delivery and ack rates)")
-	flag.StringVar(&o.pprofDir, "pprof", "", "save Caddy's CPU and allocation profiles of each burst into this directory")
+	flag.StringVar(&o.pprofDir, "pprof", "", "save Caddy's CPU and allocation profiles of each burst, and an execution trace of each relay latency run, into this directory")
 	flag.Parse()
 	var err error
 	if o.scenarios, err = parseList(scen, []string{"burst", "latency", "sustained", "backlog"}); err != nil {

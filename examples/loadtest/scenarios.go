@@ -373,8 +373,15 @@ func (r *runner) runLatency(ctx context.Context, kind string, mode int32) error 
 		return err
 	}
 	r.target.mode.Store(mode)
+	var traced chan struct{}
+	if r.opts.pprofDir != "" && kind != kindRespond {
+		traced = s.trace(r.opts.pprofDir, fmt.Sprintf("latency-%s-%s", kind, strings.Fields(modeNames[mode])[1]), r.opts.duration-time.Second/2)
+	}
 	scenario := fmt.Sprintf("latency %.0f/s, %s", r.opts.rate, modeNames[mode])
 	res, rw := r.measure(ctx, s, scenario, loadSpec{conns: r.opts.conns, duration: r.opts.duration, rate: r.opts.rate, resend: r.opts.resend})
+	if traced != nil {
+		<-traced
+	}
 	if kind == kindRespond {
 		r.latencyRespondP99 = rw.p99
 		rw.notes = append(rw.notes, fmt.Sprintf("max %s", fmtDur(res.hist.max)))

@@ -451,16 +451,30 @@ func (s *server) pending() (int64, error) {
 // profile, from the admin endpoint into dir as <prefix>.cpu.pprof and
 // <prefix>.allocs.pprof; done is closed when both are written.
 func (s *server) profile(dir, prefix string, d time.Duration) (done chan struct{}) {
+	sec := strconv.Itoa(max(1, int(d.Seconds())))
+	return s.fetchProfiles(dir, d, []struct{ path, file string }{
+		{"profile?seconds=" + sec, prefix + ".cpu.pprof"},
+		{"allocs", prefix + ".allocs.pprof"},
+	})
+}
+
+// trace saves an execution trace of Caddy over the next d into dir
+// (go tool trace <file>; -pprof=sched and -pprof=syscall say what the
+// slowest acks waited for).
+func (s *server) trace(dir, prefix string, d time.Duration) (done chan struct{}) {
+	sec := strconv.Itoa(max(1, int(d.Seconds())))
+	return s.fetchProfiles(dir, d, []struct{ path, file string }{{"trace?seconds=" + sec, prefix + ".trace"}})
+}
+
+// fetchProfiles fetches each of Caddy's /debug/pprof/ paths into its file
+// in dir, one after the other, the first taking d.
+func (s *server) fetchProfiles(dir string, d time.Duration, paths []struct{ path, file string }) (done chan struct{}) {
 	done = make(chan struct{})
 	base := s.conf.adminURL("/debug/pprof/")
-	sec := max(1, int(d.Seconds()))
 	go func() {
 		defer close(done)
-		c := &http.Client{Timeout: time.Duration(sec)*time.Second + 15*time.Second}
-		for _, p := range []struct{ path, file string }{
-			{"profile?seconds=" + strconv.Itoa(sec), prefix + ".cpu.pprof"},
-			{"allocs", prefix + ".allocs.pprof"},
-		} {
+		c := &http.Client{Timeout: d + 15*time.Second}
+		for _, p := range paths {
 			if err := fetchTo(c, base+p.path, filepath.Join(dir, p.file)); err != nil {
 				progress("  profile %s: %v", p.file, err)
 			}
