@@ -111,9 +111,8 @@ func BenchmarkJetStreamFloor(b *testing.B) {
 // floor is BenchmarkJetStreamFloor's streams and consumers.
 type floor struct {
 	js           jetstream.JetStream
-	deliveries   []string
-	keys         []string
-	consumeCtx   []jetstream.ConsumeContext
+	deliveries   []string // a work-queue stream per shard
+	keys         []string // a stream per shard
 	body, expiry []byte
 }
 
@@ -142,7 +141,7 @@ func newFloor(b *testing.B, shards int) *floor {
 		if err != nil {
 			b.Fatal(err)
 		}
-		cc, err := c.Consume(func(m jetstream.Msg) { go m.Ack() })
+		cc, err := c.Consume(func(m jetstream.Msg) { _ = m.Ack() })
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -161,7 +160,7 @@ func newFloor(b *testing.B, shards int) *floor {
 func (f *floor) event(n int) error {
 	ctx := context.Background()
 	id := strconv.Itoa(n)
-	d, k := f.deliveries[n%len(f.deliveries)], f.keys[n/len(f.keys)%len(f.keys)]
+	d, k := f.deliveries[n%len(f.deliveries)], f.keys[n%len(f.keys)]
 	if _, err := f.js.Publish(ctx, d+".crm."+id, f.body, jetstream.WithExpectLastSequencePerSubject(0)); err != nil {
 		return err
 	}
