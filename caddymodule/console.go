@@ -194,8 +194,9 @@ type consoleRelay struct {
 const rateWindow = time.Minute
 
 func newConsoleRelay(ctx context.Context, name string, e *relay.Engine) consoleRelay {
+	ov := e.Overview(ctx) // first: it samples pending for the history
 	h := e.History()
-	cr := consoleRelay{Name: name, Overview: e.Overview(ctx), Charts: relayCharts(h), Rate: map[string]string{}}
+	cr := consoleRelay{Name: name, Overview: ov, Charts: relayCharts(h), Rate: map[string]string{}}
 	for _, t := range cr.Targets {
 		r := h.Rate(h.Deliveries[t.Name]["delivered"], rateWindow)
 		switch {

@@ -527,7 +527,10 @@ func (e *Engine) Overview(ctx context.Context) Overview {
 		ov.StoreError = err.Error()
 	}
 	counts, err := e.counts(ctx)
-	if err != nil && ov.StoreError == "" {
+	switch {
+	case err == nil:
+		e.recordPendingFrom(counts)
+	case ov.StoreError == "":
 		ov.StoreError = err.Error()
 	}
 	ov.PendingEvents = int64(counts.PendingEvents)

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
 // The engine keeps the last hour of its counts in memory, at a fixed
@@ -238,11 +240,10 @@ func (c counter) inc(now time.Time) {
 	c.hist.add(now, 1)
 }
 
-// History returns the relay's last hour, its pending counts read now.
+// History returns the relay's last hour. Pending is as last sampled:
+// once a step, and by each Overview, which reads the store's counts
+// anyway (a page that shows both reads them once).
 func (e *Engine) History() History {
-	if e.IsOpen() {
-		e.recordPending(context.Background())
-	}
 	return e.hist.snapshot(e.now(), func(target string) bool {
 		e.mu.RLock()
 		defer e.mu.RUnlock()
@@ -274,6 +275,12 @@ func (e *Engine) recordPending(ctx context.Context) {
 		// the log say why.
 		return
 	}
+	e.recordPendingFrom(counts)
+}
+
+// recordPendingFrom records every target's pending count in counts, and
+// zero for a configured target counts does not name.
+func (e *Engine) recordPendingFrom(counts store.Counts) {
 	now := e.now()
 	for name, c := range counts.Targets {
 		e.hist.pendingRing(name).set(now, int64(c.Pending))

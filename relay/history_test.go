@@ -1,10 +1,14 @@
 package relay
 
 import (
+	"context"
 	"net/http"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/webhook-relay/caddy-webhook-relay/relay/store"
 )
 
 // last returns the final n values of series.
@@ -167,5 +171,44 @@ func TestEngineHistory(t *testing.T) {
 	}
 	if _, kept := h.Deliveries["ok"]; !kept {
 		t.Error("a configured target's history is dropped while empty")
+	}
+}
+
+// countingStore counts the store's Counts calls.
+type countingStore struct {
+	store.Store
+	counts atomic.Int64
+}
+
+func (s *countingStore) Counts(ctx context.Context) (store.Counts, error) {
+	s.counts.Add(1)
+	return s.Store.Counts(ctx)
+}
+
+// TestOverviewSamplesPending: an Overview records the pending counts it
+// read in the history, so a console page that shows both reads the
+// store's counts once; History alone reads none.
+func TestOverviewSamplesPending(t *testing.T) {
+	clock := newFakeClock()
+	down := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(http.StatusServiceUnavailable) })
+	tc := fastTarget("down", down.URL)
+	tc.BackoffMin, tc.BackoffMax = time.Hour, time.Hour
+	cs := &countingStore{Store: store.NewMemory(store.MemoryOptions{Now: clock.Now})}
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{
+		OpenStore: func() (store.Store, error) { return cs, nil }, Now: clock.Now})
+	for _, id := range []string{"p1", "p2"} {
+		mustAccept(t, e, v3Body(id))
+	}
+	before := cs.counts.Load()
+	ov := e.Overview(t.Context())
+	h := e.History()
+	if got := cs.counts.Load() - before; got != 1 {
+		t.Errorf("an Overview and a History read the counts %d times, want 1", got)
+	}
+	if len(ov.Targets) != 1 || ov.Targets[0].Pending != 2 {
+		t.Fatalf("overview targets %+v, want down with 2 pending", ov.Targets)
+	}
+	if got := last(h.Pending["down"], 1)[0]; got != 2 {
+		t.Errorf("pending at down in the history %d, want the overview's 2", got)
 	}
 }
