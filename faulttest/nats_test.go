@@ -515,44 +515,13 @@ func (tl *timeline) checkDown(t *testing.T, how string, down, up time.Time) (n, 
 }
 
 // flow is loadGen's senders, every request also kept in a timeline.
-type flow struct {
-	workers  int
-	interval time.Duration
-	resend   float64
-	prefix   string
-}
+type flow loadGen
 
 // start runs the senders until ctx ends; wait waits for them. As with
 // loadGen, an event still unanswered when ctx ends is retried for up to
 // 20 s more, so that what was stored is acked.
 func (g flow) start(ctx context.Context, c *client, l *ledger, tl *timeline, seed uint64) (wait func()) {
-	var wg sync.WaitGroup
-	for w := range g.workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			finish, giveUp := context.WithCancel(context.Background())
-			defer giveUp()
-			defer context.AfterFunc(ctx, func() { time.AfterFunc(20*time.Second, giveUp) })()
-			rng := rand.New(rand.NewPCG(seed, uint64(w)))
-			for seq := 0; ctx.Err() == nil; {
-				ev, ok := event{}, false
-				if rng.Float64() < g.resend {
-					ev, ok = l.randomAcked(rng)
-				}
-				if !ok {
-					ev = newEvent(fmt.Sprintf("%s-%d-%06d", g.prefix, w, seq), seq%5 == 4, 0)
-					seq++
-				}
-				g.send(finish, c, l, tl, ev)
-				select {
-				case <-ctx.Done():
-				case <-time.After(g.interval):
-				}
-			}
-		}()
-	}
-	return wg.Wait
+	return loadGen(g).run(ctx, l, seed, func(ctx context.Context, ev event) { g.send(ctx, c, l, tl, ev) })
 }
 
 // send posts ev until it is answered 200, as client.send does.

@@ -330,6 +330,12 @@ type loadGen struct {
 // it gave up on might have been stored without its 200 reaching it, and
 // then delivered though never acked.
 func (g loadGen) start(ctx context.Context, c *client, l *ledger, seed uint64) (wait func()) {
+	return g.run(ctx, l, seed, func(ctx context.Context, ev event) { c.send(ctx, l, ev, nil) })
+}
+
+// run runs the senders, each posting its events with send, until ctx
+// ends (see start); ctx of send ends 20 s after that.
+func (g loadGen) run(ctx context.Context, l *ledger, seed uint64, send func(context.Context, event)) (wait func()) {
 	var wg sync.WaitGroup
 	for w := range g.workers {
 		wg.Add(1)
@@ -348,7 +354,7 @@ func (g loadGen) start(ctx context.Context, c *client, l *ledger, seed uint64) (
 					ev = newEvent(fmt.Sprintf("%s-%d-%06d", g.prefix, w, seq), seq%5 == 4, 0)
 					seq++
 				}
-				c.send(finish, l, ev, nil)
+				send(finish, ev)
 				select {
 				case <-ctx.Done():
 				case <-time.After(g.interval):
