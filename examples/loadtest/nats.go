@@ -16,18 +16,7 @@ import (
 
 // buildNATS builds nats-server at the version in go.mod into dir.
 func buildNATS(ctx context.Context, dir string) (string, error) {
-	gomod := strings.TrimSpace(cmdOutput("go", "env", "GOMOD"))
-	if gomod == "" || gomod == os.DevNull {
-		return "", fmt.Errorf("run from inside the caddy-webhook-relay module (go env GOMOD is empty)")
-	}
-	bin := filepath.Join(dir, "nats-server")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/nats-io/nats-server/v2")
-	cmd.Dir = filepath.Dir(gomod)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("go build github.com/nats-io/nats-server/v2: %w", err)
-	}
-	return bin, nil
+	return goBuild(ctx, filepath.Join(dir, "nats-server"), "github.com/nats-io/nats-server/v2")
 }
 
 // natsConfig is a one-node JetStream on loopback that fsyncs every write

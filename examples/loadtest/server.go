@@ -70,16 +70,21 @@ func shapingLines() string {
 // buildCaddy builds cmd/caddy of the module that holds the working
 // directory into dir.
 func buildCaddy(ctx context.Context, dir string) (string, error) {
+	return goBuild(ctx, filepath.Join(dir, "caddy"), "./cmd/caddy")
+}
+
+// goBuild builds pkg, as the module that holds the working directory
+// requires it, into bin.
+func goBuild(ctx context.Context, bin, pkg string) (string, error) {
 	gomod := strings.TrimSpace(cmdOutput("go", "env", "GOMOD"))
 	if gomod == "" || gomod == os.DevNull {
 		return "", fmt.Errorf("run from inside the caddy-webhook-relay module (go env GOMOD is empty)")
 	}
-	bin := filepath.Join(dir, "caddy")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/caddy")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 	cmd.Dir = filepath.Dir(gomod)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("go build ./cmd/caddy: %w", err)
+		return "", fmt.Errorf("go build %s: %w", pkg, err)
 	}
 	return bin, nil
 }
