@@ -275,10 +275,10 @@ func (w *walLog) appendGroup(payloads [][]byte) (uint64, error) {
 	}
 	w.buf = buf[:0]
 	if _, err := w.cur.f.WriteAt(buf, start); err != nil {
-		return 0, fmt.Errorf("writing the log: %w", err)
+		return 0, w.abandon(fmt.Errorf("writing the log: %w", err))
 	}
-	if err := fdatasync(w.cur.f); err != nil {
-		return 0, fmt.Errorf("syncing the log: %w", err)
+	if err := syncLog(w.cur.f); err != nil {
+		return 0, w.abandon(fmt.Errorf("syncing the log: %w", err))
 	}
 	last := seq - 1
 	w.mu.Lock()
@@ -287,6 +287,24 @@ func (w *walLog) appendGroup(payloads [][]byte) (uint64, error) {
 	w.off, w.fresh = start+int64(len(buf)), false
 	w.next = seq
 	return last, nil
+}
+
+// syncLog is fdatasync; tests make it fail.
+var syncLog = fdatasync
+
+// abandon ends the current segment's use after a group failed in it,
+// and returns err. The group may be in the file all the same, whole or in
+// part, with the seqs the next group gets: that one goes to another
+// segment, a generation later, so that what is left of the failed group
+// never reads as records that follow it (see the top).
+func (w *walLog) abandon(err error) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.cur.last == walBusy {
+		w.cur.last = 0 // nothing acked in it: free to take again
+	}
+	w.cur = nil
+	return err
 }
 
 // take returns a segment of at least need bytes holding nothing still to

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -564,4 +565,30 @@ func TestWALFailedWriteLosesNoAckedRecord(t *testing.T) {
 	}
 	_, recs := openTestWAL(t, dir, segSize, 2)
 	checkRecords(t, recs, map[uint64][]byte{last: small}, last, last)
+}
+
+// TestWALFailedSyncKeepsTheGroupOut: a group whose fdatasync fails may be
+// in the file all the same. The next group gets its seqs; when it is a
+// shorter one (here: the same events but the last, sent again), what is
+// left of the failed group after it must not be returned as records.
+func TestWALFailedSyncKeepsTheGroupOut(t *testing.T) {
+	dir := t.TempDir()
+	w, _ := openTestWAL(t, dir, 0, 0)
+	sent := map[uint64][]byte{}
+	first := walPayload(1, 100)
+	sent[mustAppend(t, w, first)] = first
+	a, b, c := walPayload(2, 100), walPayload(3, 100), walPayload(4, 100)
+	syncLog = func(*os.File) error { return errors.New("injected: sync failed") }
+	_, err := w.appendGroup([][]byte{a, b, c})
+	syncLog = fdatasync
+	if err == nil {
+		t.Fatal("appendGroup with a failing sync: no error")
+	}
+	last := mustAppend(t, w, a, b)
+	sent[last-1], sent[last] = a, b
+	if err := w.closeFiles(); err != nil {
+		t.Fatal(err)
+	}
+	_, recs := openTestWAL(t, dir, 0, 0)
+	checkRecords(t, recs, sent, 1, last)
 }
