@@ -571,8 +571,8 @@ func gather[T any](ch chan T, batch []T) []T {
 }
 
 // waitForCompany adds queued writes to a batch of writes nobody waits for,
-// until one that somebody waits for arrives, settleDelay passes, or the
-// batch is full.
+// until one that somebody waits for arrives, the log has enough to apply
+// (the commit takes it along), settleDelay passes, or the batch is full.
 func (s *Bolt) waitForCompany(batch []*op, wait *time.Timer) []*op {
 	wait.Reset(s.settleDelay)
 	defer wait.Stop()
@@ -583,6 +583,8 @@ func (s *Bolt) waitForCompany(batch []*op, wait *time.Timer) []*op {
 			if !o.later {
 				return batch
 			}
+		case <-s.applyNow:
+			return batch
 		case <-wait.C:
 			return batch
 		case <-s.quit:

@@ -846,3 +846,33 @@ func BenchmarkBoltAcceptParallel(b *testing.B) {
 	defer s.Close()
 	benchmarkAcceptParallel(b, s)
 }
+
+// TestBoltLogApplyTakesHeldOutcomes: an outcome waiting for company
+// (here an hour) goes with the commit that applies the log once the log
+// holds enough: its callback runs without waiting out the delay.
+func TestBoltLogApplyTakesHeldOutcomes(t *testing.T) {
+	s := openTestBolt(t, filepath.Join(t.TempDir(), "relay.db"), newFakeClock(testT0).Now)
+	mustAccept(t, s, testEvent(1, testT0), "a")
+	l := takeWithin(t, mustQueue(t, s, "a"), 5*time.Second)
+	s.settleDelay = time.Hour
+	got := make(chan error, 1)
+	l.Settle(Delivered, &Delivery{Attempts: 1}, func(err error) { got <- err })
+	// Once the writer has it, it waits for company.
+	for deadline := time.Now().Add(5 * time.Second); len(s.ops) > 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the writer did not take the outcome")
+		}
+	}
+	s.kick(true) // what an Accept does once the log holds applyBytes
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the outcome waited out its delay past a commit that applied the log")
+	}
+	if c := checkCounts(t, s); c.PendingEvents != 0 || c.Targets["a"].Pending != 0 {
+		t.Errorf("Counts = %+v, want nothing pending", c)
+	}
+}
