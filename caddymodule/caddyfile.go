@@ -76,6 +76,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth off
 //		max_body <size>
 //		max_pending <n>
+//		burst_hold <duration> | off
 //		dedupe off
 //		dedupe {
 //			key <json_path> [<json_path>...]
@@ -195,6 +196,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.MaxPending = n
+		case "burst_hold":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if v == "off" {
+				h.BurstHold = -1
+				break
+			}
+			dur, err := parseDuration(d, "burst_hold", v)
+			if err != nil {
+				return err
+			}
+			h.BurstHold = dur
 		case "dedupe":
 			if err := h.unmarshalDedupe(d); err != nil {
 				return err

@@ -122,6 +122,26 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			},
 		},
 		{
+			name: "burst_hold",
+			input: `webhook_relay {
+				burst_hold 30s` + minimal + "}",
+			want: Handler{
+				BurstHold: caddy.Duration(30 * time.Second),
+				Auth:      &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:   []Target{minimalTarget},
+			},
+		},
+		{
+			name: "burst_hold off",
+			input: `webhook_relay {
+				burst_hold off` + minimal + "}",
+			want: Handler{
+				BurstHold: -1,
+				Auth:      &Auth{Header: "X-Secret", Values: []string{"s3cret"}},
+				Targets:   []Target{minimalTarget},
+			},
+		},
+		{
 			name: "dedupe block",
 			input: `webhook_relay {
 				dedupe {
@@ -491,6 +511,15 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 				}
 			}`,
 			want: []string{`backoff max: bad duration "forever"`, "Testfile:4"},
+		},
+		{
+			name: "bad burst_hold",
+			input: `webhook_relay {
+				auth_header X-Secret s3cret
+				burst_hold soon
+				forward t1 http://127.0.0.1:9000/hook
+			}`,
+			want: []string{`burst_hold: bad duration "soon"`, "Testfile:3"},
 		},
 		{
 			name: "negative max_pending",

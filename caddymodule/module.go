@@ -67,6 +67,11 @@ type Handler struct {
 	// RetryAfter is the Retry-After of 503 answers. Default: 5s.
 	RetryAfter caddy.Duration `json:"retry_after,omitempty"`
 
+	// BurstHold is the longest a burst may hold deliveries to an eighth
+	// of each target's concurrency, so that acks get the CPU; negative
+	// turns holds off. Default: 10s.
+	BurstHold caddy.Duration `json:"burst_hold,omitempty"`
+
 	// Dedupe configures how re-deliveries are recognised and dropped.
 	Dedupe *Dedupe `json:"dedupe,omitempty"`
 
@@ -291,6 +296,7 @@ func (h *Handler) relayConfig() (relay.Config, error) {
 		MaxBody:    h.MaxBody,
 		MaxPending: h.MaxPending,
 		RetryAfter: timeDuration(h.RetryAfter),
+		BurstHold:  timeDuration(h.BurstHold),
 	}
 	if h.Dedupe != nil {
 		cfg.Dedupe = relay.DedupeConfig{

@@ -165,6 +165,7 @@ func (e *Engine) settleStale(t *target, tc *settings, l store.Lease, d *store.De
 			e.settleFailed(t, tc, l, d, err)
 			return
 		}
+		e.burst.settled.Add(1)
 		t.metrics.Load().stale.inc(e.now())
 		if ce := e.log.Check(zapcore.DebugLevel, "stale: an event newer for the same key was delivered"); ce != nil {
 			ce.Write(zap.String("event_id", d.ID.String()), zap.String("target", t.name))
@@ -195,6 +196,9 @@ func (e *Engine) settled(t *target, tc *settings, l store.Lease, d *store.Delive
 		return
 	}
 	m := t.metrics.Load()
+	if o != store.Retry {
+		e.burst.settled.Add(1)
+	}
 	switch o {
 	case store.Delivered:
 		m.delivered.inc(e.now())

@@ -48,8 +48,12 @@ type Config struct {
 	MaxPending int
 	// RetryAfter is what a 503 tells the sender to wait.
 	RetryAfter time.Duration
-	Dedupe     DedupeConfig
-	Targets    []TargetConfig
+	// BurstHold is the longest a burst may hold deliveries back so that
+	// acks get the CPU (burst.go); zero is DefaultBurstHold, below zero
+	// turns holds off.
+	BurstHold time.Duration
+	Dedupe    DedupeConfig
+	Targets   []TargetConfig
 }
 
 // DedupeConfig says how re-deliveries are recognised.
@@ -179,6 +183,9 @@ func (c Config) WithDefaults() (Config, error) {
 	}
 	if c.RetryAfter <= 0 {
 		c.RetryAfter = DefaultRetryAfter
+	}
+	if c.BurstHold == 0 {
+		c.BurstHold = DefaultBurstHold
 	}
 	if c.Dedupe.Capacity <= 0 {
 		c.Dedupe.Capacity = DefaultCapacity

@@ -64,6 +64,7 @@ type Engine struct {
 	st      store.Store
 	targets map[string]*target
 	dd      *dedupe
+	burst   burstHold
 	ctrs    atomic.Pointer[engineCounters] // swapped when the relay is renamed
 	hist    *history                       // kept across renames and reloads
 	loaded  chan struct{}                  // closed once the store's backlog is queued
@@ -204,7 +205,9 @@ func (e *Engine) Open() error {
 	for _, t := range e.targets {
 		e.startWorkers(t)
 	}
-	e.wg.Add(5)
+	e.burst.setMax(e.cfg.BurstHold)
+	e.wg.Add(6)
+	go e.watchBursts()
 	go e.retireRemoved()
 	go e.janitor()
 	go e.syncBreakers()
@@ -325,6 +328,9 @@ func (e *Engine) Update(cfg Config) error {
 		}
 	}
 	e.dd.resize(c.Dedupe.Capacity, e.now())
+	if e.state == stateOpen {
+		e.burst.setMax(c.BurstHold)
+	}
 	if e.state != stateOpen {
 		return nil
 	}
@@ -416,6 +422,8 @@ func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (
 	if e.state != stateOpen {
 		return Result{}, ErrUnavailable
 	}
+	start := time.Now()
+	defer func() { e.burst.inReceive.Add(int64(time.Since(start))) }()
 	cfg := e.cfg
 	now := e.now()
 	id := cfg.EventID(body)
@@ -465,6 +473,9 @@ func (e *Engine) Receive(ctx context.Context, body []byte, contentType string) (
 	if dedupe {
 		// Only now that it is stored does the key count as seen.
 		e.dd.add(id, opts.KeyExpiry, now)
+	}
+	if !dup {
+		e.burst.queued.Add(int64(len(names)))
 	}
 	res.Duplicate = dup
 	return res, nil
@@ -717,6 +728,11 @@ func (e *Engine) collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descStoreUp, prometheus.GaugeValue, up, name)
 	ch <- prometheus.MustNewConstMetric(descDedupe, prometheus.GaugeValue, float64(e.dd.len()), name)
+	burst := 0.0
+	if e.burst.current() != nil {
+		burst = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descBurst, prometheus.GaugeValue, burst, name)
 	counts, err := e.counts(context.Background())
 	if err != nil {
 		return // the store is down: no gauge is better than a wrong one

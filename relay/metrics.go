@@ -80,6 +80,8 @@ var (
 		"Age of the oldest event still waiting for a target.", []string{"relay", "target"}, nil)
 	descHeld = prometheus.NewDesc(namespace+"_target_held",
 		"1 while a target is taken for down: its deliveries wait while one probe at a time finds out whether it is back.", []string{"relay", "target"}, nil)
+	descBurst = prometheus.NewDesc(namespace+"_burst_hold",
+		"1 while a burst holds deliveries to an eighth of each target's concurrency so that acks get the CPU (at most burst_hold at a time).", []string{"relay"}, nil)
 	descStoreUp = prometheus.NewDesc(namespace+"_store_up",
 		"1 while the relay's store takes writes (bbolt open, NATS connected and its stream checked), else 0.", []string{"relay"}, nil)
 )
@@ -128,6 +130,7 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descOldest
 	ch <- descHeld
 	ch <- descStoreUp
+	ch <- descBurst
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {

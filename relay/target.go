@@ -29,6 +29,9 @@ type target struct {
 	pause *pauseGate
 	quit  chan struct{} // closed when the target leaves the config
 
+	// attempting counts the workers past the burst hold (burst.go).
+	attempting atomic.Int64
+
 	mu      sync.Mutex
 	running int // workers alive; while above concurrency, the next to look leaves
 	// look is cancelled to make workers waiting for a delivery look at
@@ -204,49 +207,59 @@ func (e *Engine) work(t *target) {
 			return
 		}
 		look := t.lookContext()
-		if !t.pause.wait(look) {
+		if !e.burst.enter(look, t) {
 			continue // ctx done, quit, or told to look at the settings again
 		}
-		probe, ok := t.brk.enter(look, e.now)
-		if !ok {
-			continue // ctx done, quit, or told to look at the settings again
-		}
-		if probe && !e.claimProbe(t, &t.cfg.Load().TargetConfig) {
-			continue // another instance's probe is out
-		}
-		gate, ok := t.pace.enter(look)
-		if !ok {
-			e.leaveBreaker(t, probe, false)
-			continue
-		}
-		lease, err := t.q.Take(look)
-		if err != nil {
-			t.pace.leave(gate)
-			e.leaveBreaker(t, probe, false)
-			if errors.Is(err, store.ErrClosed) || look.Err() != nil {
-				if errors.Is(err, store.ErrClosed) && look.Err() == nil {
-					// Retired or closing: wait for quit or the engine's end.
-					select {
-					case <-e.ctx.Done():
-					case <-t.quit:
-					case <-look.Done():
-					}
-				}
-				continue
-			}
-			e.takeFailed(t, err)
-			continue
-		}
-		if !t.pause.open() {
-			// Paused while this worker waited in the queue: the delivery
-			// goes back as it was, with no attempt used.
-			lease.Postpone(e.now())
-			t.pace.leave(gate)
-			e.leaveBreaker(t, probe, false)
-			continue
-		}
-		e.leaveBreaker(t, probe, e.attempt(t, lease, probe, gate))
+		e.workOnce(t, look)
+		e.burst.leave(t)
 	}
+}
+
+// workOnce takes one due delivery of t and attempts it, unless t is
+// paused, its breaker or rate holds it, or look ends first.
+func (e *Engine) workOnce(t *target, look context.Context) {
+	if !t.pause.wait(look) {
+		return // ctx done, quit, or told to look at the settings again
+	}
+	probe, ok := t.brk.enter(look, e.now)
+	if !ok {
+		return // ctx done, quit, or told to look at the settings again
+	}
+	if probe && !e.claimProbe(t, &t.cfg.Load().TargetConfig) {
+		return // another instance's probe is out
+	}
+	gate, ok := t.pace.enter(look)
+	if !ok {
+		e.leaveBreaker(t, probe, false)
+		return
+	}
+	lease, err := t.q.Take(look)
+	if err != nil {
+		t.pace.leave(gate)
+		e.leaveBreaker(t, probe, false)
+		if errors.Is(err, store.ErrClosed) || look.Err() != nil {
+			if errors.Is(err, store.ErrClosed) && look.Err() == nil {
+				// Retired or closing: wait for quit or the engine's end.
+				select {
+				case <-e.ctx.Done():
+				case <-t.quit:
+				case <-look.Done():
+				}
+			}
+			return
+		}
+		e.takeFailed(t, err)
+		return
+	}
+	if !t.pause.open() {
+		// Paused while this worker waited in the queue: the delivery
+		// goes back as it was, with no attempt used.
+		lease.Postpone(e.now())
+		t.pace.leave(gate)
+		e.leaveBreaker(t, probe, false)
+		return
+	}
+	e.leaveBreaker(t, probe, e.attempt(t, lease, probe, gate))
 }
 
 // takeFailed logs a store that could not hand out a delivery (a shared
