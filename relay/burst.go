@@ -13,9 +13,9 @@ import (
 // about the same, so a burst acked at the same time as it is delivered
 // is acked at half the speed the relay can ack it. While the relay's CPU
 // is saturated and requests queue in Receive, and until they stop
-// queueing, every target runs at most
-// an eighth of its concurrency (at least one attempt): the rest of the
-// CPU goes to acks, and the deliveries not made wait in the store.
+// queueing, every target runs at most an eighth of its concurrency (at
+// least one attempt): the rest of the CPU goes to acks, and the
+// deliveries not made wait in the store.
 //
 // The bound: a hold lasts at most Config.BurstHold (10 s by default), so
 // acks run ahead of deliveries by at most that long of arrivals. After a
@@ -151,7 +151,6 @@ func (b *burstHold) sample(now time.Time, cpu time.Duration, procs int) (changed
 func (b *burstHold) release(now time.Time) {
 	close(b.held)
 	b.held, b.since, b.owing = nil, now, true
-	b.hot = 0
 }
 
 // setMax sets the longest hold; 0 or less turns holds off (and ends one).
@@ -181,9 +180,20 @@ func (e *Engine) watchBursts() {
 			continue
 		}
 		if held {
-			e.log.Info("burst: deliveries held to their share while acks catch up")
+			e.burstBegan()
 		} else {
 			e.log.Info("burst over: deliveries at full concurrency")
 		}
 	}
+}
+
+// burstBegan sends the workers waiting in a queue back to the gate, as a
+// pause does: else each would take one more delivery.
+func (e *Engine) burstBegan() {
+	e.mu.RLock()
+	for _, t := range e.targets {
+		t.lookAgain(e.ctx)
+	}
+	e.mu.RUnlock()
+	e.log.Info("burst: deliveries held to their share while acks catch up")
 }

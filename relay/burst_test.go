@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -204,5 +205,51 @@ func TestBurstHoldOff(t *testing.T) {
 	cancel()
 	if <-waiting {
 		t.Fatal("an attempt waiting for the hold ran after its context ended")
+	}
+}
+
+// TestBurstHoldHoldsTheWorkers: with a hold on, an engine's target of
+// concurrency 16 has 2 requests out; once requests stop queueing the
+// sampler ends the hold and all 16 go; every delivery is counted queued
+// and settled.
+func TestBurstHoldHoldsTheWorkers(t *testing.T) {
+	target, release := newHangingTarget(t)
+	tc := fastTarget("t", target.URL)
+	tc.Concurrency = 16
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: memStore()})
+
+	// A hold, as the sampler starts one; requests seem to queue in
+	// Receive (10 in flight on average) until the feed stops.
+	e.burst.mu.Lock()
+	e.burst.held, e.burst.since = make(chan struct{}), time.Now()
+	e.burst.mu.Unlock()
+	e.burstBegan()
+	fed := make(chan struct{})
+	go func() {
+		defer close(fed)
+		tick := time.NewTicker(burstTick / 10)
+		defer tick.Stop()
+		for range 4 * burstTicks * 10 { // 4 sampler ticks per burstTicks
+			<-tick.C
+			e.burst.inReceive.Add(int64(10 * burstTick / 10))
+		}
+	}()
+	for i := range 20 {
+		mustAccept(t, e, v3Body(fmt.Sprintf("burst-%d", i)))
+	}
+	<-fed
+	if e.burst.current() == nil {
+		t.Fatal("the hold ended while requests queued")
+	}
+	if got := target.maxIn.Load(); got != 2 {
+		t.Fatalf("%d requests out at once during the hold, want 2 (16/8)", got)
+	}
+	waitFor(t, "the hold to end once requests stop queueing", 5*time.Second, func() bool { return e.burst.current() == nil })
+	waitFor(t, "all 16 workers out", 5*time.Second, func() bool { return target.inflight.Load() == 16 })
+	release()
+	waitFor(t, "the deliveries", 5*time.Second, func() bool { return e.PendingEvents() == 0 })
+	waitFor(t, "the settles counted", 5*time.Second, func() bool { return e.burst.settled.Load() == 20 })
+	if q := e.burst.queued.Load(); q != 20 {
+		t.Fatalf("%d deliveries counted queued, want 20", q)
 	}
 }

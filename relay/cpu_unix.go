@@ -2,9 +2,10 @@
 
 package relay
 
-import "syscall"
-
-import "time"
+import (
+	"syscall"
+	"time"
+)
 
 // processCPU is the CPU time the process has used.
 func processCPU() time.Duration {

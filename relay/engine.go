@@ -328,12 +328,10 @@ func (e *Engine) Update(cfg Config) error {
 		}
 	}
 	e.dd.resize(c.Dedupe.Capacity, e.now())
-	if e.state == stateOpen {
-		e.burst.setMax(c.BurstHold)
-	}
 	if e.state != stateOpen {
 		return nil
 	}
+	e.burst.setMax(c.BurstHold)
 	keep := map[string]bool{}
 	var errs []error
 	for i := range c.Targets {
