@@ -318,12 +318,18 @@ func (r *runner) main(ctx context.Context) int {
 	return 0
 }
 
-// latencies runs the latency scenario: respond as the floor, then each
+// latencies runs the latency scenario: respond as the floor, one write
+// and fdatasync alone as the disk's floor (for relay-bolt), then each
 // selected relay with the target healthy, slow and down. relay-memory
 // acks without a write, so its latency says nothing about the store.
 func (r *runner) latencies(ctx context.Context) error {
 	if r.opts.runs(kindRespond) {
 		if err := r.runLatency(ctx, kindRespond, modeHealthy); err != nil {
+			return err
+		}
+	}
+	if r.opts.runs(kindBolt) {
+		if err := r.runSyncFloor(ctx); err != nil {
 			return err
 		}
 	}

@@ -89,6 +89,9 @@ func (r *runner) printTargets() {
 		if f := r.latencyRespondP99; f > 0 {
 			fig += fmt.Sprintf(" (respond at the same rate: %s)", fmtDur(f))
 		}
+		if f := r.latencySyncP99; f > 0 && l.kind == kindBolt {
+			fig += fmt.Sprintf(" (write+fdatasync alone: %s)", fmtDur(f))
+		}
 		out = append(out, check{"3. ack p99 at " + fmtRate(r.opts.rate) + "/s, " + l.kind, fig, "<= " + fmtDur(l.limit), yes(h <= l.limit)})
 		for _, m := range []int32{modeSlow, modeDown} {
 			if v, ok := byMode[m]; ok {

@@ -35,6 +35,9 @@ type runner struct {
 	latencyP99 map[string]map[int32]time.Duration // by server, by target mode
 	// latencyRespondP99 is respond's p99 at the same rate: the floor.
 	latencyRespondP99 time.Duration
+	// latencySyncP99 is one write and fdatasync's p99 alone, at the same
+	// rate: the disk's floor under relay-bolt's acks.
+	latencySyncP99 time.Duration
 	// sustained is, by server, the highest rate kept up with (0: tried,
 	// none kept up with).
 	sustained    map[string]float64
