@@ -206,10 +206,15 @@ func TestBreakerSharedAcrossInstances(t *testing.T) {
 	waitFor(t, "both engines to hold the target", 10*time.Second, func() bool {
 		return targetStats(e1, "t").Held && targetStats(e2, "t").Held
 	})
-	// Attempts under way at the trip may still land; after them, probes.
+	// Attempts under way at the trip may still land: at most one per
+	// worker that took its delivery before its engine held the target,
+	// within moments. Five more requests let them pass (four of them are
+	// cooldowns apart at least); after them, only probes.
+	before := target.count()
+	waitFor(t, "five more requests", 10*time.Second, func() bool { return target.count() >= before+5 })
 	waitFor(t, "attempts under way to end", 5*time.Second, func() bool { return target.inflight.Load() == 0 })
 	target.maxIn.Store(0)
-	before := target.count()
+	before = target.count()
 	waitFor(t, "six probes", 10*time.Second, func() bool { return target.count() >= before+6 })
 	if n := target.maxIn.Load(); n > 1 {
 		t.Errorf("%d probes out at once across the two engines, want one", n)
@@ -264,4 +269,46 @@ func TestBreakerProbeWithoutDeliveryLetsGo(t *testing.T) {
 	// The claim lasts tc.Timeout+1s = 6 s: a new one within 2 s means the
 	// first was let go.
 	waitFor(t, "the next probe's claim", 2*time.Second, func() bool { c := claim(); return c != 0 && c != first })
+}
+
+// TestBreakerHoldsWorkersWaitingInTheQueue: workers that passed the
+// breaker before it held and wait in the queue for a delivery to fall due
+// send none once it does: only the probe goes out, one at a time, a
+// cooldown apart. Two events and four workers: two wait in the queue
+// while the other two's attempts trip the breaker.
+func TestBreakerHoldsWorkersWaitingInTheQueue(t *testing.T) {
+	var mu sync.Mutex
+	var at []time.Time
+	target := newTestTarget(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+		mu.Lock()
+		at = append(at, time.Now())
+		mu.Unlock()
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	tc := fastTarget("t", target.URL)
+	tc.BackoffMin, tc.BackoffMax = 200*time.Millisecond, 200*time.Millisecond
+	tc.MaxAttempts = 1000
+	tc.Concurrency = 4
+	e := openEngine(t, Config{Targets: []TargetConfig{tc}}, Options{OpenStore: memStore()})
+	mustAccept(t, e, v3Body("a"))
+	mustAccept(t, e, v3Body("b"))
+	waitFor(t, "the target held", 10*time.Second, func() bool { return targetStats(e, "t").Held })
+	waitFor(t, "the tripping attempts to end", 5*time.Second, func() bool { return target.inflight.Load() == 0 })
+	target.maxIn.Store(0)
+	mu.Lock()
+	first := len(at)
+	mu.Unlock()
+	waitFor(t, "three probes", 10*time.Second, func() bool { return target.count() >= first+3 })
+	if n := target.maxIn.Load(); n > 1 {
+		t.Errorf("%d requests out at once while held, want one probe", n)
+	}
+	mu.Lock()
+	after := append([]time.Time(nil), at[first-1:]...)
+	mu.Unlock()
+	// From the last attempt before the hold, each request a cooldown on.
+	for i := 1; i < len(after); i++ {
+		if gap := after[i].Sub(after[i-1]); gap < tc.BackoffMin*9/10 {
+			t.Errorf("requests %d and %d while held %s apart, want a cooldown (%s)", i-1, i, gap, tc.BackoffMin)
+		}
+	}
 }

@@ -251,9 +251,11 @@ func (e *Engine) workOnce(t *target, look context.Context) {
 		e.takeFailed(t, err)
 		return
 	}
-	if !t.pause.open() {
-		// Paused while this worker waited in the queue: the delivery
-		// goes back as it was, with no attempt used.
+	if !t.pause.open() || (!probe && t.brk.isHeld()) {
+		// Paused, or held by the breaker (here or by another
+		// instance), while this worker waited in the queue: the
+		// delivery goes back as it was, with no attempt used, and only
+		// probes go out.
 		lease.Postpone(e.now())
 		t.pace.leave(gate)
 		e.leaveBreaker(t, probe, false)
