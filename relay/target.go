@@ -252,10 +252,10 @@ func (e *Engine) workOnce(t *target, look context.Context) {
 		return
 	}
 	if !t.pause.open() || (!probe && t.brk.isHeld()) {
-		// Paused, or held by the breaker (here or by another
-		// instance), while this worker waited in the queue: the
-		// delivery goes back as it was, with no attempt used, and only
-		// probes go out.
+		// Paused, or held by the breaker (tripped here, or read from
+		// another instance's record), while this worker waited in the
+		// queue: the delivery goes back as it was, with no attempt
+		// used, and only probes go out.
 		lease.Postpone(e.now())
 		t.pace.leave(gate)
 		e.leaveBreaker(t, probe, false)

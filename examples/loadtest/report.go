@@ -85,12 +85,16 @@ func (r *runner) printTargets() {
 		if !ok {
 			continue
 		}
-		fig := fmtDur(h)
+		var floors []string
 		if f := r.latencyRespondP99; f > 0 {
-			fig += fmt.Sprintf(" (respond at the same rate: %s)", fmtDur(f))
+			floors = append(floors, "respond at the same rate: "+fmtDur(f))
 		}
 		if f := r.latencySyncP99; f > 0 && l.kind == kindBolt {
-			fig += fmt.Sprintf(" (write+fdatasync alone: %s)", fmtDur(f))
+			floors = append(floors, "write+fdatasync alone: "+fmtDur(f))
+		}
+		fig := fmtDur(h)
+		if len(floors) > 0 {
+			fig += " (" + strings.Join(floors, "; ") + ")"
 		}
 		out = append(out, check{"3. ack p99 at " + fmtRate(r.opts.rate) + "/s, " + l.kind, fig, "<= " + fmtDur(l.limit), yes(h <= l.limit)})
 		for _, m := range []int32{modeSlow, modeDown} {
