@@ -23,7 +23,7 @@ func (r *runner) printTable() {
 	}
 	fmt.Println()
 	fmt.Println("generator CPU % is this process (load generator and target) as % of one core;")
-	fmt.Println("server CPU % is Caddy's, from /proc/<pid>/stat (for relay-nats, Caddy's plus its nats-server's, split in the notes); peak RSS is Caddy's VmHWM (nats-server's in the notes);")
+	fmt.Println("server CPU % is Caddy's, from /proc/<pid>/stat (for relay-nats, Caddy's plus its nats-server's, split in the notes); peak RSS is Caddy's VmHWM, file pages included (nats-server's in the notes; a burst's notes give its anonymous part, RssAnon sampled every 100 ms);")
 	fmt.Println("\"busy\" is each whole core from /proc/stat (the generator core near 100% with generator CPU % near 100 = generator-bound);")
 	fmt.Println("\"other processes\" is what neither this process nor Caddy used of the cores, irq and steal left out.")
 	if r.maxOther >= 25 {
@@ -119,6 +119,9 @@ func (r *runner) printTargets() {
 	for _, k := range []string{kindBolt, kindMemory, kindNATS, kindBoltJQ} {
 		if b := r.burst[k]; b != nil {
 			fig := fmtMB(b.rss) + " MB"
+			if b.anonRSS > 0 {
+				fig += " (anonymous " + fmtMB(b.anonRSS) + " MB)"
+			}
 			if k == kindNATS {
 				fig += " (Caddy's; nats-server's " + fmtMB(b.natsRSS) + " MB more)"
 			}

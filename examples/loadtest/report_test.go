@@ -51,7 +51,7 @@ func TestMergeRounds(t *testing.T) {
 	round := func(respond, bolt float64) map[string]*burstFigures {
 		return map[string]*burstFigures{
 			kindRespond: {acks: respond},
-			kindBolt:    {acks: bolt, rss: bolt / 100},
+			kindBolt:    {acks: bolt, rss: bolt / 100, anonRSS: 60 - bolt/200},
 		}
 	}
 	r := &runner{}
@@ -62,8 +62,8 @@ func TestMergeRounds(t *testing.T) {
 	if m := median(r.burstRatios[kindBolt]); m != 0.25 {
 		t.Errorf("median ratio %v, want 0.25", m)
 	}
-	if b := r.burst[kindBolt]; b.acks != 4000 || b.rss != 50 {
-		t.Errorf("merged bolt figures %+v, want median acks 4000 and the largest RSS 50", b)
+	if b := r.burst[kindBolt]; b.acks != 4000 || b.rss != 50 || b.anonRSS != 45 {
+		t.Errorf("merged bolt figures %+v, want median acks 4000, the largest RSS 50 and the largest anonymous RSS 45", b)
 	}
 	if _, ok := r.burstRatios[kindMemory]; ok {
 		t.Error("a ratio for a server that never ran")

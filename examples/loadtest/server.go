@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -179,6 +180,8 @@ type server struct {
 	started time.Time
 	// nats is relay-nats's nats-server, stopped after Caddy.
 	nats *natsServer
+	// anonKB is the highest RssAnon seen by watchAnon.
+	anonKB atomic.Int64
 }
 
 // adminURL is path on the server's admin endpoint.
@@ -247,7 +250,35 @@ func launch(bin string, conf *serverConf, pin bool) (*server, error) {
 		s.err = cmd.Wait()
 		close(s.done)
 	}()
+	go s.watchAnon()
 	return s, nil
+}
+
+// anonEvery is how often watchAnon reads the server's anonymous memory.
+const anonEvery = 100 * time.Millisecond
+
+// watchAnon samples the server's RssAnon until it exits. VmHWM counts
+// file pages too, and a relay maps its binary and its bbolt file: after a
+// long burst most of its peak is the file, which the kernel may drop at
+// will. The heap and stacks are the anonymous part.
+func (s *server) watchAnon() {
+	t := time.NewTicker(anonEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+			if kb := procStatusKB(s.pid(), "RssAnon"); kb > s.anonKB.Load() {
+				s.anonKB.Store(kb)
+			}
+		}
+	}
+}
+
+// peakAnon is the highest anonymous resident memory sampled so far, in MB.
+func (s *server) peakAnon() float64 {
+	return float64(s.anonKB.Load()) / 1024
 }
 
 // start launches Caddy and waits until it answers HTTP on its port.
