@@ -29,17 +29,7 @@ func hashID(n int64) ID {
 // the file at path, as a store holding that many hours of keys has them.
 func writeKeys(b *testing.B, path string, n int) {
 	b.Helper()
-	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		b.Fatal(err)
-	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, NoSync: true})
-	if err != nil {
-		b.Fatal(err)
-	}
+	db := openRawNew(b, path)
 	defer db.Close()
 	const chunk = 100_000
 	exp := testT0.Add(72 * time.Hour).UnixNano()

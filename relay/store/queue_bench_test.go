@@ -12,12 +12,9 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// writeBacklog writes n pending deliveries at target "a" straight into a
-// new file in the format-1 layout (a relay's Accepts would take minutes to
-// write a million): events 0..n-1 received at testT0 + i ns, fresh, with
-// dedupe keys; with order keys too (i mod orderKeys) if orderKeys is
-// above zero.
-func writeBacklog(b *testing.B, path string, n, orderKeys int) {
+// openRawNew makes a new store file at path and opens it with bbolt
+// alone, unsynced, for a benchmark to fill faster than Accepts could.
+func openRawNew(b *testing.B, path string) *bolt.DB {
 	b.Helper()
 	s, err := OpenBolt(path, BoltOptions{Timeout: time.Second})
 	if err != nil {
@@ -30,6 +27,17 @@ func writeBacklog(b *testing.B, path string, n, orderKeys int) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	return db
+}
+
+// writeBacklog writes n pending deliveries at target "a" straight into a
+// new file in the format-1 layout (a relay's Accepts would take minutes to
+// write a million): events 0..n-1 received at testT0 + i ns, fresh, with
+// dedupe keys; with order keys too (i mod orderKeys) if orderKeys is
+// above zero.
+func writeBacklog(b *testing.B, path string, n, orderKeys int) {
+	b.Helper()
+	db := openRawNew(b, path)
 	defer db.Close()
 	const chunk = 100_000
 	for from := 0; from < n; from += chunk {
